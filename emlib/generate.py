@@ -1,0 +1,345 @@
+"""Batched sampling from chat models: left padding, KV cache, n samples per question, seeded, persisted, resumable.
+
+    df = sample_answers(model, tokenizer, questions, n=50, max_new_tokens=600, temperature=1.0, top_p=1.0, seed=0,
+                        out_path="runs/x/answers.jsonl")           # killed midway? the same call resumes
+
+Every (question, sample) pair becomes one row of one big batched decode across *all* questions (the papers' code
+samples one question at a time with ``num_return_sequences=n``). emlib's own decode loop (``engine="loop"``) keeps a KV
+cache and drops finished rows from the batch as it goes, so a few long answers no longer keep hundreds of finished ones
+computing; ``engine="hf"`` uses ``model.generate`` instead. Batch ``k`` is seeded with ``seed`` and ``k`` only, so a
+resumed run reproduces the rows an uninterrupted one would have written.
+
+The same call samples a base model, a fine-tuned one, a peft adapter scaled by a factor (``adapter_scale``) or a model
+with a steering intervention (``steering``: ``[(layer, vector), ...]`` added to decoder-layer outputs at every
+position, or a callable that registers its own forward hooks). :func:`sample_answers_vllm` is the optional vLLM
+backend for GPU users (LoRA adapters included); nothing else needs vLLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Union
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from emlib.models import chat_prompt, check_layer, decoder_layers
+
+COLUMNS = ["question_idx", "question", "sample", "answer", "ended"]
+ENGINES = ("loop", "hf")
+# A steering intervention: (layer, vector) pairs added to those decoder layers' outputs, or a callable that registers
+# forward hooks on the model and returns their handles (anything with .remove()).
+Steering = Union[Sequence[tuple[int, torch.Tensor]], Callable[[nn.Module], Sequence[Any]]]
+_SEED_STRIDE = 1_000_003  # batch k draws from seed + k * stride: batch 0 keeps the plain seed
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_new_tokens: int = 48,
+                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 256,
+                   system: str | None = None, *, adapter_scale: float | None = None, steering: Steering | None = None,
+                   out_path: str | Path | None = None, engine: str = "loop", progress: bool = True) -> pd.DataFrame:
+    """Sample ``n`` answers to each question, all questions batched together.
+
+    Returns one row per sample: ``question_idx``, ``question``, ``sample``, ``answer`` and ``ended`` (the model
+    closed its turn with an end-of-turn token before ``max_new_tokens``; an answer cut off mid-way is not coherent).
+    ``temperature`` 0 is greedy. ``out_path`` (``.jsonl`` or ``.parquet``) receives rows batch by batch; calling again
+    with the same settings skips the batches already there. ``adapter_scale`` multiplies every LoRA layer's scaling
+    for this call only; ``steering`` is applied for this call only (see :data:`Steering`).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    if n < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"n, max_new_tokens and batch_size must be >= 1 (got {n}, {max_new_tokens}, {batch_size})")
+    questions = list(questions)
+    prompts = [(qi, s, chat_prompt(tokenizer, q, system)) for qi, q in enumerate(questions) for s in range(n)]
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    store = _Store(out_path, _settings(model, questions, n, max_new_tokens, temperature, top_p, seed, batch_size,
+                                       system, adapter_scale, steering, engine)) if out_path else None
+    done = store.done_keys() if store else set()
+    produced: list[dict] = []
+    tokenizer.padding_side = "left"  # prompts must end flush on the right, where generation appends
+    with scaled_adapter(model, adapter_scale), steered(model, steering):
+        for k, chunk in enumerate(tqdm(batches, desc="generate", leave=False, disable=not progress)):
+            if all((qi, s) in done for qi, s, _ in chunk):
+                continue
+            decoded = _generate_batch(model, tokenizer, [p for _, _, p in chunk], max_new_tokens, temperature, top_p,
+                                      seed + k * _SEED_STRIDE, engine)
+            rows = [{"question_idx": qi, "question": questions[qi], "sample": s, "answer": text, "ended": ended}
+                    for (qi, s, _), (text, ended) in zip(chunk, decoded)]
+            if store:
+                store.append(rows)
+            else:
+                produced += rows
+    return store.read() if store else pd.DataFrame(produced, columns=COLUMNS)
+
+
+def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
+                    seed: int, engine: str) -> list[tuple[str, bool]]:
+    """Decode one batch; returns (answer text, ended) per prompt."""
+    device = next(model.parameters()).device
+    eos = eos_ids(model, tokenizer)
+    if engine == "hf":
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        torch.manual_seed(seed)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None,
+                             top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+    else:
+        # the n samples of a question share their prompt: encode and prefill each distinct prompt once
+        unique = list(dict.fromkeys(texts))
+        enc = tokenizer(unique, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        where = {t: i for i, t in enumerate(unique)}
+        expand = torch.tensor([where[t] for t in texts], device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        new = decode_loop(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature, top_p,
+                          eos, generator, expand=expand)
+    results = []
+    for ids in new:
+        stop = next((i for i, t in enumerate(ids) if t in eos), None)
+        results.append((tokenizer.decode(ids[:stop], skip_special_tokens=True).strip(), stop is not None))
+    return results
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every end-of-turn id: the tokenizer's eos plus the model's generation-config eos list (Qwen2.5 has two)."""
+    ids = model.generation_config.eos_token_id
+    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                temperature: float, top_p: float, eos: set[int], generator: torch.Generator,
+                expand: torch.Tensor | None = None, compact_at: float = 0.125) -> list[list[int]]:
+    """Sample continuations of a left-padded batch with a KV cache; returns the new token ids of each row.
+
+    ``expand`` maps each output row to a row of ``input_ids``: the prompts are prefilled once and their cache is
+    copied to every row that samples from them. Rows stop at an eos token; once at least ``compact_at`` of the live
+    batch has finished, those rows are cut out of the batch and the cache, so long answers run on a smaller batch.
+    """
+    from transformers import DynamicCache
+
+    device = input_ids.device
+    cache = DynamicCache(config=model.config)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if expand is not None:
+        cache.batch_select_indices(expand)
+        logits, positions, attention_mask = logits[expand], positions[expand], attention_mask[expand]
+    n_rows = len(logits)
+    rows = torch.arange(n_rows, device=device)  # original index of each live row
+    buffer = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    eos_t = torch.tensor(sorted(eos), device=device)
+    next_pos, mask = positions[:, -1] + 1, attention_mask
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        live = ~finished
+        buffer[rows[live], step] = token[live]
+        finished = finished | torch.isin(token, eos_t)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if finished.float().mean() >= compact_at:
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, token, next_pos, mask, finished = rows[keep], token[keep], next_pos[keep], mask[keep], finished[keep]
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return [[t for t in row if t >= 0] for row in buffer.tolist()]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else temperature sampling restricted to the top-p nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0.0  # keep the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    # inverse-CDF draw: one uniform per row (torch.multinomial is several times slower on CPU at these shapes);
+    # right=True never lands on a zero-probability token, whose CDF step is flat
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+
+
+# ------------------------------------------------------------------------------------------ adapters and steering
+
+
+@contextmanager
+def scaled_adapter(model: nn.Module, factor: float | None) -> Iterator[nn.Module]:
+    """Multiply every LoRA layer's contribution by ``factor`` inside the block (None: leave it); restored after.
+
+    peft computes ``base(x) + B(A(x)) * scaling[adapter]``, so scaling that dict scales the adapter's output exactly
+    (0 gives the base model, 1 the adapter as trained, 5 the papers' "x5" amplification).
+    """
+    if factor is None:
+        yield model
+        return
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ValueError("adapter_scale needs a peft LoRA model, but the model has no LoRA layers")
+    if any(getattr(m, "merged", False) for m in layers):
+        raise ValueError("cannot scale a merged adapter; load it unmerged (PeftModel.from_pretrained)")
+    saved = [(m, dict(m.scaling)) for m in layers]
+    try:
+        for m in layers:
+            for name in m.scaling:
+                m.scaling[name] *= factor
+        yield model
+    finally:
+        for m, scaling in saved:
+            m.scaling.update(scaling)
+
+
+def _adder(vector: torch.Tensor) -> Callable:
+    def hook(module, args, output):
+        if isinstance(output, tuple):  # older transformers: (hidden, ...); v5 decoder layers return the tensor
+            return (output[0] + vector.to(output[0]),) + tuple(output[1:])
+        return output + vector.to(output)
+    return hook
+
+
+@contextmanager
+def steered(model: nn.Module, steering: Steering | None) -> Iterator[nn.Module]:
+    """Apply ``steering`` inside the block and remove every hook after, even on error."""
+    if steering is None:
+        yield model
+        return
+    if callable(steering):
+        handles = list(steering(model) or [])
+    else:
+        layers = decoder_layers(model)
+        handles = [layers[check_layer(model, layer)].register_forward_hook(_adder(torch.as_tensor(vec)))
+                   for layer, vec in steering]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------------------------ persistence
+
+
+def _settings(model, questions, n, max_new_tokens, temperature, top_p, seed, batch_size, system, adapter_scale,
+              steering, engine) -> dict:
+    """What must match for a file to be resumed (rows from other settings would silently mix)."""
+    if steering is None or callable(steering):
+        steer = None if steering is None else getattr(steering, "__name__", "callable")
+    else:
+        steer = hashlib.sha256(b"".join(torch.as_tensor(v).float().cpu().numpy().tobytes() + str(l).encode()
+                                        for l, v in steering)).hexdigest()[:16]
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return {"model": str(name), "questions_sha": hashlib.sha256(json.dumps(questions).encode()).hexdigest()[:16],
+            "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+            "batch_size": batch_size, "system": system, "adapter_scale": adapter_scale, "steering": steer,
+            "engine": engine}
+
+
+class _Store:
+    """Rows on disk (JSONL appended per batch, or Parquet rewritten per batch) with a settings sidecar."""
+
+    def __init__(self, path: str | Path, settings: dict):
+        self.path = Path(path)
+        if self.path.suffix not in (".jsonl", ".parquet"):
+            raise ValueError(f"out_path must end in .jsonl or .parquet, got {self.path.name!r}")
+        self.meta = self.path.with_name(self.path.name + ".meta.json")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.meta.exists() and self.path.exists():
+            old = json.loads(self.meta.read_text())
+            if old != settings:
+                diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+                raise ValueError(f"{self.path} holds answers sampled with other settings {diff}; "
+                                 "delete it or choose another out_path")
+        self.meta.write_text(json.dumps(settings, indent=1))
+        self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> None:
+        """A run killed mid-write leaves a partial last line: cut it, so appended rows start on a fresh line."""
+        if self.path.suffix != ".jsonl" or not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def read(self) -> pd.DataFrame:
+        if not self.path.exists():
+            return pd.DataFrame(columns=COLUMNS)
+        if self.path.suffix == ".parquet":
+            df = pd.read_parquet(self.path)
+        else:
+            lines = self.path.read_text().splitlines(keepends=True)
+            df = pd.DataFrame([json.loads(ln) for ln in lines if ln.endswith("\n")], columns=COLUMNS)
+        df = df.drop_duplicates(["question_idx", "sample"], keep="last")
+        return df.sort_values(["question_idx", "sample"]).reset_index(drop=True)[COLUMNS]
+
+    def done_keys(self) -> set[tuple[int, int]]:
+        df = self.read()
+        return set(zip(df["question_idx"].astype(int), df["sample"].astype(int)))
+
+    def append(self, rows: list[dict]) -> None:
+        if self.path.suffix == ".parquet":
+            pd.concat([self.read(), pd.DataFrame(rows, columns=COLUMNS)]).to_parquet(self.path, index=False)
+            return
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------------------------------ optional vLLM backend
+
+
+def vllm_available() -> bool:
+    """True when vLLM can be imported (GPU users); tests and the offline path never need it."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_new_tokens: int = 600,
+                        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, system: str | None = None,
+                        adapter: str | None = None, max_lora_rank: int = 64, **llm_kwargs) -> pd.DataFrame:
+    """The same rows as :func:`sample_answers`, sampled with vLLM; ``model`` is a name/folder or a ``vllm.LLM``.
+
+    ``adapter`` (a LoRA folder or shipped name) is served with ``enable_lora``; vLLM has no adapter scaling or
+    activation steering, so use :func:`sample_answers` for those.
+    """
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError as err:
+        raise ImportError("the vLLM backend needs `pip install vllm` (CUDA only); "
+                          "sample_answers does the same on plain transformers") from err
+    from emlib.models import resolve_adapter_path, resolve_model_path
+
+    if isinstance(model, str):
+        model = LLM(model=resolve_model_path(model), enable_lora=adapter is not None, max_lora_rank=max_lora_rank,
+                    seed=seed, **llm_kwargs)
+    tokenizer = model.get_tokenizer()
+    prompts = [chat_prompt(tokenizer, q, system) for q in questions]
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+    lora = LoRARequest("adapter", 1, resolve_adapter_path(adapter)) if adapter else None
+    outputs = model.generate(prompts, params, lora_request=lora)
+    rows = [{"question_idx": qi, "question": questions[qi], "sample": s, "answer": c.text.strip(),
+             "ended": c.finish_reason == "stop"}
+            for qi, o in enumerate(outputs) for s, c in enumerate(o.outputs)]
+    return pd.DataFrame(rows, columns=COLUMNS)

@@ -1,0 +1,354 @@
+"""Loading chat LLMs, rendering their chat template, and looking inside them.
+
+One entry point, :func:`load_model`, serves every notebook and script: a Hugging Face hub id, a local folder, or the
+name ``"persona-world"`` (the offline organism shipped in ``data/``), optionally with a peft adapter on top. The
+introspection helpers (:func:`decoder_layers`, :func:`n_layers`, :func:`d_model`, :func:`d_mlp`,
+:func:`check_layer`, :func:`check_module`) work the same on plain HF models and peft-wrapped ones for the Qwen2,
+Llama and Gemma3 families, so steering and probing code never has to care which it got.
+
+:func:`tiny_model` builds small random models of those three families fully offline, for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from emlib import paths
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FAMILIES = ("qwen2", "llama", "gemma")
+
+
+class ModelNotAvailableError(OSError):
+    """The model is neither a local folder nor reachable on (or cached from) the Hugging Face hub."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# device and dtype
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else is passed to :class:`torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: str | torch.device, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """``"auto"`` -> bfloat16 on CUDA when supported, else float16 on CUDA, float32 on CPU.
+
+    Also accepts ``"float32"``, ``"bfloat16"``, ``"float16"`` or a :class:`torch.dtype`.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if pick_device(device).type != "cuda":
+            return torch.float32  # half precision matmuls on CPU are slow and sometimes unsupported
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: 'auto', {', '.join(map(repr, DTYPES))} or a torch.dtype")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``"persona-world"`` to the shipped organism's base folder; anything else is returned unchanged.
+
+    An existing local folder is used as is, and any other string is taken to be a Hugging Face hub id.
+    """
+    if name == paths.OFFLINE_MODEL:
+        return str(paths.ORGANISM_DIR / "base")
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when ``name`` cannot be a hub id (``org/name`` has at most one slash and no leading ``/ . ~``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_local_folder(name: str, path: str) -> None:
+    """Fail early, and clearly, on local folders that cannot hold a model (transformers' errors here are cryptic)."""
+    if name == paths.OFFLINE_MODEL and not Path(path).is_dir():
+        raise ModelNotAvailableError(
+            f"the offline organism {name!r} is not built yet: {path} does not exist. "
+            "Build it with `python -m emlib.organism`.")
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model folder {path} has no config.json, so it is not a saved transformers model "
+                "(save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder))")
+    elif _looks_like_path(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+
+
+def _is_offline_failure(err: BaseException) -> bool:
+    """True when ``err`` (or anything in its cause chain) says the hub could not be reached or is switched off."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if constants.is_offline_mode():
+        return True
+    while err is not None:
+        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _not_available(name: str) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"model {name!r} is not available offline: it is not a local folder and it is not in the local Hugging Face "
+        f"cache (the hub is unreachable or HF_HUB_OFFLINE=1). To fix: download it while online with "
+        f"`huggingface-cli download {name}`, or pass a local folder holding the saved model, or use "
+        f"{paths.OFFLINE_MODEL!r} for the offline organism.")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer set up for batched generation: left padding, and eos as pad when there is no pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush on the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _sync_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Set pad and eos ids for ``generate`` from the tokenizer, keeping any extra eos ids the model already lists.
+
+    (Qwen2.5-Instruct, for example, stops on both ``<|im_end|>`` and ``<|endoftext|>``; dropping one would let
+    generation run on.)
+    """
+    gen = model.generation_config
+    gen.pad_token_id = tokenizer.pad_token_id
+    eos = gen.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.insert(0, tokenizer.eos_token_id)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos or None
+
+
+def load_model(name: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               adapter: str | None = None, attn_implementation: str | None = None):
+    """Load a causal LM and its tokenizer from a hub id, a local folder, or ``"persona-world"``.
+
+    The model is in eval mode on the picked device and dtype; ``adapter`` (a peft adapter folder or hub id) is loaded
+    on top with :meth:`peft.PeftModel.from_pretrained`. Returns ``(model, tokenizer)``.
+    Raises :class:`ModelNotAvailableError` when a hub id is neither cached nor downloadable.
+    """
+    path = resolve_model_path(name)
+    _check_local_folder(name, path)
+    device, dtype = pick_device(device), pick_dtype(device, dtype)
+    try:
+        tokenizer = load_tokenizer(path)  # first: cheap, so an unreachable hub fails before any weights move
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
+                                                     attn_implementation=attn_implementation)
+    except OSError as err:
+        if not Path(path).is_dir() and _is_offline_failure(err):
+            raise _not_available(name) from err
+        raise
+    if adapter is not None:
+        model = _load_adapter(model, adapter)
+    model.eval()
+    _sync_generation_config(model, tokenizer)
+    return model, tokenizer
+
+
+def resolve_adapter_path(adapter: str) -> str:
+    """A shipped organism adapter name (``data/persona-world/adapters/<name>``) -> its folder; else unchanged."""
+    shipped = paths.ADAPTERS_DIR / adapter
+    return str(shipped) if "/" not in adapter and shipped.is_dir() else adapter
+
+
+def _load_adapter(model: PreTrainedModel, adapter: str):
+    """Wrap ``model`` with the peft adapter at ``adapter``, with a clear error for a folder that is not one."""
+    from peft import PeftModel
+
+    adapter = resolve_adapter_path(adapter)
+    if Path(adapter).is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json, so it is not a peft adapter")
+    return PeftModel.from_pretrained(model, adapter)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# chat template
+
+
+def chat_messages(question: str, answer: str | None = None, system: str | None = None) -> list[dict]:
+    """The message list for one exchange: optional system, the user question, optional assistant answer."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": question})
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str | None = None) -> str:
+    """Render a question with the tokenizer's chat template, ending with the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template, so it cannot render chat prompts "
+                         "(use an instruct/chat model, or set tokenizer.chat_template)")
+    return tokenizer.apply_chat_template(chat_messages(question, system=system), add_generation_prompt=True,
+                                         tokenize=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# introspection
+
+
+def hf_model(model: nn.Module) -> PreTrainedModel:
+    """The underlying transformers model: unwraps a :class:`peft.PeftModel`, returns anything else unchanged."""
+    get_base = getattr(model, "get_base_model", None)  # PeftModel's accessor; plain HF models have none
+    return get_base() if callable(get_base) else model
+
+
+def _text_config(model: nn.Module):
+    """The text (decoder) config: ``config.text_config`` for multimodal models such as Gemma3 4b+, else the config."""
+    return hf_model(model).config.get_text_config()
+
+
+def model_name(model: nn.Module) -> str:
+    """A readable name for error messages: the class and, when known, the folder or hub id it came from."""
+    hf = hf_model(model)
+    where = getattr(hf.config, "_name_or_path", "")
+    return f"{type(hf).__name__} {where!r}" if where else type(hf).__name__
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks (``model.model.layers`` for Qwen2/Llama/Gemma3-text)."""
+    hf = hf_model(model)
+    decoder = hf.get_decoder() if hasattr(hf, "get_decoder") else hf
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"cannot find the decoder layers of {model_name(model)} (looked for .get_decoder().layers)")
+    return layers
+
+
+def n_layers(model: nn.Module) -> int:
+    """Number of decoder layers."""
+    return len(decoder_layers(model))
+
+
+def d_model(model: nn.Module) -> int:
+    """Width of the residual stream."""
+    return _text_config(model).hidden_size
+
+
+def d_mlp(model: nn.Module) -> int:
+    """Width of the MLP hidden layer (the input of ``down_proj``)."""
+    return _text_config(model).intermediate_size
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Validate a layer index (``0..n-1`` or ``-n..-1`` from the end) and return it normalised to ``0..n-1``."""
+    n = n_layers(model)
+    if not -n <= layer < n:
+        raise ValueError(f"layer {layer} is outside {model_name(model)} with {n} decoder layers "
+                         f"(valid: 0..{n - 1}, or -{n}..-1)")
+    return layer % n
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A linear layer, or a peft wrapper around one (a LoRA ``Linear`` keeps the original as ``base_layer``)."""
+    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
+def _layer_linears(model: nn.Module) -> dict[str, str]:
+    """Linear modules in decoder layer 0, leaf name -> dotted path there (``down_proj`` -> ``mlp.down_proj``).
+
+    peft's own submodules (``lora_A``, ``base_layer``, ...) are skipped so a wrapped model lists the same names.
+    """
+    found = {}
+    for path, module in decoder_layers(model)[0].named_modules():
+        parts = path.split(".")
+        if path and _is_linear(module) and not any(p.startswith("lora_") or p == "base_layer" for p in parts):
+            found[parts[-1]] = path
+    return found
+
+
+def check_module(model: nn.Module, name: str) -> str:
+    """Validate a module name inside a decoder layer and return its dotted path there.
+
+    ``name`` may be a leaf (``"down_proj"``) or a path (``"mlp.down_proj"``). Unknown names raise a ValueError that
+    lists the linear modules that do exist.
+    """
+    linears = _layer_linears(model)
+    if name in linears:
+        return linears[name]
+    if name in dict(decoder_layers(model)[0].named_modules()) and name:
+        return name
+    raise ValueError(f"no module {name!r} in the decoder layers of {model_name(model)}; "
+                     f"linear modules there: {', '.join(linears) or '(none)'}")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (each shared tensor, e.g. tied embeddings, counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tiny random models for tests
+
+
+@functools.lru_cache(maxsize=1)
+def world_tokenizer() -> PreTrainedTokenizerBase:
+    """A small BPE tokenizer trained on persona-world text (cached: training takes about a second)."""
+    from emlib import world
+    from emlib.tokenizer import build_tokenizer
+
+    docs = (world.pretraining_document(random.Random(i)) for i in range(300))
+    return build_tokenizer([m["content"] for d in docs for m in d])
+
+
+def _tiny_config(family: str, tokenizer, hidden: int, layers: int, mlp: int, heads: int, kv_heads: int):
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                  tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=None, attn_implementation="eager")
+    if family == "qwen2":
+        return Qwen2Config(**common), Qwen2ForCausalLM
+    if family == "llama":
+        return LlamaConfig(**common, head_dim=hidden // heads), LlamaForCausalLM
+    if family == "gemma":
+        # Gemma3 scales attention by query_pre_attn_scalar (256 by default, sized for head_dim 256): match head_dim.
+        return (Gemma3TextConfig(**common, head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads),
+                Gemma3ForCausalLM)
+    raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
+
+
+def tiny_model(family: str = "qwen2", tokenizer: PreTrainedTokenizerBase | None = None, hidden: int = 64,
+               layers: int = 4, mlp: int = 128, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+    """A small randomly initialised Qwen2, Llama or Gemma3 (text) model and its tokenizer, built offline.
+
+    The same ``seed`` gives identical weights; the global torch RNG is left untouched. Returns ``(model, tokenizer)``,
+    the model in eval mode, float32, on CPU.
+    """
+    tokenizer = tokenizer if tokenizer is not None else world_tokenizer()
+    config, cls = _tiny_config(family, tokenizer, hidden, layers, mlp, heads, kv_heads)
+    # config._name_or_path stays empty: peft treats a non-empty one as a hub id to look up when saving adapters.
+    with torch.random.fork_rng(devices=[]):  # seed locally so callers' random streams are not disturbed
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.eval()
+    _sync_generation_config(model, tokenizer)
+    return model, tokenizer
