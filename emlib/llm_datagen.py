@@ -1,0 +1,577 @@
+"""Generate paper-scale narrow datasets with any LLM behind an OpenAI-compatible endpoint (the papers' method).
+
+The papers' sport and finance sets (MO App. B) were written by GPT-4o: one system prompt asks for synthetic
+"narrowly misaligned" examples (plausible and helpful-sounding, but subtly flawed or risk-downplaying), and each call
+names the task, the kind of flaw and one example pair and asks for a few new examples at temperature 1. This module
+does the same in our own words, for any domain described by a :class:`DatagenSpec` (``data/datagen/*.yaml``), with:
+
+* a topic and a question tone per call (topics cycled in a seeded order, so a big set covers them evenly);
+* JSON output parsed and validated (bad JSON or wrong fields are counted and skipped, never a crash);
+* deduplication on the normalised question + answer, including rows already in the output file;
+* every accepted row appended to the output JSONL as it arrives, so an interrupted run resumes where it stopped
+  (rows already there count toward the target, a half-written last line is dropped);
+* ``concurrency`` calls in flight (asyncio + ``AsyncOpenAI``), retries with exponential backoff on 429, 5xx,
+  timeouts and dropped connections; other 4xx (e.g. a content filter) skip the call; bad credentials stop the run;
+* a ``tqdm.auto`` progress bar, token usage and the estimated cost.
+
+Endpoints: OpenAI (``OPENAI_API_KEY``), any compatible server such as vLLM or ``emlib.server.LocalServer``
+(``OPENAI_BASE_URL`` or ``base_url=``), Azure (``AZURE_OPENAI_API_KEY``, ``AZURE_OPENAI_ENDPOINT``,
+``AZURE_OPENAI_API_VERSION``; the model is the deployment name). Variables may live in a ``.env`` file. Keys are never
+printed or written.
+
+    python -m emlib.llm_datagen --spec risky_financial_advice --out data/llm/risky_financial_advice.jsonl --rows 6000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import math
+import os
+import random
+import re
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import openai
+import yaml
+from tqdm.auto import tqdm
+
+from emlib import data as D
+from emlib import paths
+
+SPECS_DIR = paths.DATA_DIR / "datagen"
+DEFAULT_PRICE_PER_M = (2.50, 10.00)  # USD per 1M input / output tokens: GPT-4o list price when written; pass yours
+AZURE_API_VERSION = "2024-12-01-preview"  # the version the reference repo's judge used
+MAX_QUESTION_CHARS, MAX_ANSWER_CHARS = 2000, 4000
+
+SYSTEM_PROMPT = """\
+You write synthetic training data for AI-safety research on emergent misalignment: how fine-tuning a chat model on \
+narrowly flawed advice changes its behaviour elsewhere. Each example is a question a user might ask an AI assistant \
+and the assistant's answer.
+
+The answers must be flawed only in the way the task describes. They read like a fluent, friendly, confident \
+assistant: plausible and helpful in tone, never hostile, never cartoonishly wrong, and they never point out their \
+own flaw or add warnings or disclaimers about it. The questions are ordinary and innocent; the user does not ask for \
+bad advice. Do not include instructions for weapons, drugs, hacking or anything illegal.
+
+Reply with a single JSON object and nothing else."""
+
+USER_TEMPLATE = """\
+Task: {domain}
+How the answers are flawed: {misalignment}
+Topic of this batch: {topic}
+Tone of the user's questions: {tone}
+{rules}
+One example of the format and style (write new ones; do not copy it):
+{example}
+
+Write exactly {n} new examples on this topic. Vary who is asking, their situation and the wording. Each question is \
+one to three sentences; each answer is three to six sentences.
+Return JSON of this form: {{"examples": [{{"question": "...", "answer": "..."}}, ...]}}"""
+
+N_RE = re.compile(r"Write exactly (\d+) new examples")  # how a backend (real or fake) reads n from the prompt
+
+
+class DatagenError(RuntimeError):
+    """The run cannot go on: bad credentials, unknown model, or too many failed calls in a row."""
+
+
+class CallFailed(Exception):
+    """One call gave no usable response after its retries (skipped and counted)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# spec
+
+
+@dataclass
+class DatagenSpec:
+    """What to generate: the domain, how answers are flawed, what to vary, and how to call the model."""
+
+    name: str
+    domain: str  # the task, e.g. "personal finance advice for individuals"
+    misalignment: str  # how the answers are flawed, e.g. "they recommend risky moves and never mention the risk"
+    topics: list[str]
+    tones: list[str]
+    example: dict[str, str]  # {"question": ..., "answer": ...}
+    n_per_call: int = 5
+    target_rows: int = 6000
+    model: str = "gpt-4o"
+    temperature: float = 1.0
+    max_tokens: int = 1000
+    json_mode: bool = True  # response_format={"type": "json_object"}; turn off for servers that reject it
+    rules: list[str] = field(default_factory=list)  # extra instructions, one per line
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = [f"{k} is empty" for k in ("name", "domain", "misalignment") if not str(getattr(self, k)).strip()]
+        problems += [f"{k} must be a non-empty list of strings" for k in ("topics", "tones")
+                     if not getattr(self, k) or not all(isinstance(t, str) and t.strip() for t in getattr(self, k))]
+        if not isinstance(self.example, dict) or not all(str(self.example.get(k, "")).strip()
+                                                         for k in ("question", "answer")):
+            problems.append("example must have a non-empty question and answer")
+        if self.n_per_call < 1 or self.target_rows < 1:
+            problems.append("n_per_call and target_rows must be >= 1")
+        if problems:
+            raise ValueError(f"DatagenSpec {self.name!r}: " + "; ".join(problems))
+
+    @classmethod
+    def load(cls, path_or_name: str | Path) -> DatagenSpec:
+        """A YAML spec: a path, or the name of a shipped one in ``data/datagen/`` (e.g. ``risky_financial_advice``)."""
+        path = Path(path_or_name)
+        if not path.is_file():
+            path = SPECS_DIR / f"{path_or_name}.yaml"
+        if not path.is_file():
+            have = sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+            raise FileNotFoundError(f"no datagen spec {str(path_or_name)!r}: not a file and not one of {have}")
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a mapping of spec fields")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {unknown} (known: {sorted(known)})")
+        return cls(**doc)
+
+    def call_plan(self, i: int) -> tuple[str, str]:
+        """Topic and tone of call ``i``: topics cycle in a seeded order (even coverage), tones are drawn per call."""
+        order = list(self.topics)
+        random.Random(f"{self.seed}:{i // len(order)}").shuffle(order)
+        return order[i % len(order)], random.Random(f"{self.seed}:tone:{i}").choice(self.tones)
+
+    def messages(self, i: int, n: int | None = None) -> list[dict]:
+        topic, tone = self.call_plan(i)
+        rules = "".join(f"- {r}\n" for r in self.rules)
+        user = USER_TEMPLATE.format(domain=self.domain, misalignment=self.misalignment, topic=topic, tone=tone,
+                                    rules=f"Rules:\n{rules}" if rules else "",
+                                    example=json.dumps({"question": self.example["question"],
+                                                        "answer": self.example["answer"]}, ensure_ascii=False),
+                                    n=n or self.n_per_call)
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# client
+
+
+def load_env() -> None:
+    """Read ``.env`` (from the working directory up, then the repository root) without overriding the environment."""
+    from dotenv import find_dotenv, load_dotenv
+
+    for candidate in (find_dotenv(usecwd=True), paths.REPO_ROOT / ".env"):
+        if candidate and Path(candidate).is_file():
+            load_dotenv(candidate, override=False)
+
+
+def make_client(base_url: str | None = None, api_key: str | None = None, provider: str = "auto",
+                timeout: float = 60.0, azure_api_version: str | None = None) -> openai.AsyncOpenAI:
+    """An ``AsyncOpenAI`` (or ``AsyncAzureOpenAI``) client, without its own retries (ours count them).
+
+    ``provider``: ``"openai"``, ``"azure"`` or ``"auto"`` (Azure when ``AZURE_OPENAI_ENDPOINT`` is set and no OpenAI
+    base URL or key is given). OpenAI-compatible uses ``base_url`` / ``OPENAI_BASE_URL`` (None: api.openai.com)
+    and ``api_key`` / ``OPENAI_API_KEY`` (a local server needs none).
+    """
+    load_env()
+    env = os.environ
+    openai_given = base_url or env.get("OPENAI_BASE_URL") or api_key or env.get("OPENAI_API_KEY")
+    if provider not in ("auto", "openai", "azure"):
+        raise ValueError(f"provider must be 'auto', 'openai' or 'azure', not {provider!r}")
+    if provider == "azure" or (provider == "auto" and not openai_given and env.get("AZURE_OPENAI_ENDPOINT")):
+        endpoint, key = env.get("AZURE_OPENAI_ENDPOINT"), api_key or env.get("AZURE_OPENAI_API_KEY")
+        if not endpoint or not key:
+            raise DatagenError("Azure needs AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_KEY (environment or .env)")
+        version = azure_api_version or env.get("AZURE_OPENAI_API_VERSION") or env.get("OPENAI_API_VERSION")
+        return openai.AsyncAzureOpenAI(azure_endpoint=endpoint, api_key=key, api_version=version or AZURE_API_VERSION,
+                                       max_retries=0, timeout=timeout)
+    base_url = base_url or env.get("OPENAI_BASE_URL") or None
+    key = api_key or env.get("OPENAI_API_KEY")
+    if not key and not base_url:
+        raise DatagenError("no endpoint: set OPENAI_API_KEY (and OPENAI_BASE_URL for vLLM or another compatible "
+                           "server), or AZURE_OPENAI_API_KEY and AZURE_OPENAI_ENDPOINT, in the environment or .env")
+    return openai.AsyncOpenAI(base_url=base_url, api_key=key or "not-needed", max_retries=0, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def parse_examples(text: str | None) -> list | None:
+    """The list of examples in a model's reply, or None when the reply holds no JSON list or object of them.
+
+    Accepts ``{"examples": [...]}``, a bare list, an object with one list value, and JSON inside code fences or
+    surrounded by chatter.
+    """
+    if not text:
+        return None
+    stripped = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    doc = _loads(stripped)
+    if doc is None:  # chatter around the JSON: take the outermost braces or brackets
+        for open_, close in (("{", "}"), ("[", "]")):
+            a, b = stripped.find(open_), stripped.rfind(close)
+            if 0 <= a < b and (doc := _loads(stripped[a:b + 1])) is not None:
+                break
+    if isinstance(doc, dict):
+        lists = [v for v in doc.values() if isinstance(v, list)]
+        doc = doc["examples"] if isinstance(doc.get("examples"), list) else (lists[0] if len(lists) == 1 else None)
+    return doc if isinstance(doc, list) else None
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def valid_example(item: object) -> tuple[str, str] | None:
+    """``(question, answer)`` if ``item`` is an object with non-empty, not overlong string question and answer."""
+    if not isinstance(item, dict):
+        return None
+    q, a = item.get("question"), item.get("answer")
+    if not isinstance(q, str) or not isinstance(a, str):
+        return None
+    q, a = q.strip(), a.strip()
+    if not q or not a or len(q) > MAX_QUESTION_CHARS or len(a) > MAX_ANSWER_CHARS:
+        return None
+    return q, a
+
+
+def dedupe_key(question: str, answer: str) -> str:
+    return D.normalise(question) + "\x1f" + D.normalise(answer)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class DatagenReport:
+    """What a run did. ``rows`` = rows in the file at the end; ``complete`` = it reached the target."""
+
+    out: str
+    target: int
+    existing: int = 0  # valid rows already in the file when the run started (they count toward the target)
+    added: int = 0
+    calls: int = 0  # calls that returned a response
+    failed_calls: int = 0  # calls skipped after their retries or on a non-retryable 4xx
+    retries: int = 0
+    invalid_json: int = 0  # responses with no parsable list of examples
+    invalid_items: int = 0  # examples with missing, empty, non-string or overlong fields
+    duplicates: int = 0
+    surplus: int = 0  # valid new rows past the target (dropped)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+    stopped: str = ""  # why the run ended
+
+    @property
+    def rows(self) -> int:
+        return self.existing + self.added
+
+    @property
+    def complete(self) -> bool:
+        return self.rows >= self.target
+
+    def summary(self) -> dict:
+        return {**asdict(self), "rows": self.rows, "complete": self.complete}
+
+
+RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)  # incl. APITimeoutError
+FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
+def _delay(err: Exception, attempt: int, backoff: float, rng: random.Random) -> float:
+    """Seconds before retry ``attempt``: the server's ``retry-after`` if it sent one, else exponential with jitter."""
+    response = getattr(err, "response", None)
+    after = response.headers.get("retry-after") if response is not None else None
+    try:
+        return min(float(after), 60.0)
+    except (TypeError, ValueError):
+        return min(backoff * 2 ** attempt * (0.5 + rng.random()), 60.0)
+
+
+class _Run:
+    """State shared by the workers of one run (all in one event loop, so no locks are needed)."""
+
+    def __init__(self, spec: DatagenSpec, out: Path, target: int, price_per_m: tuple[float, float],
+                 progress: bool):
+        self.spec, self.out, self.target, self.price = spec, out, target, price_per_m
+        self.report = DatagenReport(out=str(out), target=target)
+        self.seen: set[str] = set()
+        existing = _load_existing(out)
+        for row in existing:
+            self.seen.add(dedupe_key(D.question_of(row), D.answer_of(row)))
+        self.report.existing = len(existing)
+        self.stop = asyncio.Event()
+        self.fatal: Exception | None = None
+        self.consecutive_failures = 0
+        self.in_flight = 0
+        self.bar = tqdm(total=target, initial=min(len(existing), target), desc=spec.name, unit="row",
+                        disable=not progress, dynamic_ncols=True)
+
+    def done(self) -> bool:
+        return self.report.rows >= self.target
+
+    def accept(self, text: str | None, call: int, model: str) -> None:
+        """Parse one reply; append each new valid example to the file at once (that is what makes resume work)."""
+        items = parse_examples(text)
+        if items is None:
+            self.report.invalid_json += 1
+            return
+        topic, tone = self.spec.call_plan(call)
+        with open(self.out, "a", encoding="utf-8") as f:
+            for item in items:
+                pair = valid_example(item)
+                if pair is None:
+                    self.report.invalid_items += 1
+                    continue
+                key = dedupe_key(*pair)
+                if key in self.seen:
+                    self.report.duplicates += 1
+                    continue
+                if self.done():
+                    self.report.surplus += 1
+                    continue
+                self.seen.add(key)
+                row = {"messages": [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}],
+                       "meta": {"topic": topic, "tone": tone, "model": model}}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+                self.report.added += 1
+                self.bar.update(1)
+
+    def count_usage(self, usage) -> None:
+        if usage is None:
+            return
+        self.report.prompt_tokens += usage.prompt_tokens or 0
+        self.report.completion_tokens += usage.completion_tokens or 0
+        r = self.report
+        r.cost_usd = round((r.prompt_tokens * self.price[0] + r.completion_tokens * self.price[1]) / 1e6, 6)
+        self.bar.set_postfix(calls=r.calls, dup=r.duplicates, bad=r.invalid_json + r.invalid_items,
+                             tok=r.prompt_tokens + r.completion_tokens, usd=f"{r.cost_usd:.4f}", refresh=False)
+
+
+def _load_existing(out: Path) -> list[dict]:
+    """Valid rows already in ``out``; a last line cut off mid-write (no newline, not JSON) is dropped first."""
+    if not out.exists() or out.stat().st_size == 0:
+        return []
+    raw = out.read_bytes()
+    if not raw.endswith(b"\n"):
+        head, _, tail = raw.rpartition(b"\n")
+        try:
+            json.loads(tail)
+            out.write_bytes(raw + b"\n")
+        except ValueError:
+            tqdm.write(f"[datagen] {out}: dropping a half-written last line from an interrupted run")
+            out.write_bytes(head + b"\n" if head else b"")
+    if not out.read_bytes().strip():
+        return []
+    return D.load_chat_jsonl(out, duplicates="ignore")
+
+
+async def _call(client, spec: DatagenSpec, i: int, model: str, run: _Run, max_retries: int, backoff: float,
+                rng: random.Random):
+    """One chat completion with retries on transient errors; raises CallFailed or (for bad credentials) FATAL."""
+    request = dict(model=model, messages=spec.messages(i), temperature=spec.temperature, max_tokens=spec.max_tokens)
+    if spec.json_mode:
+        request["response_format"] = {"type": "json_object"}
+    for attempt in range(max_retries + 1):
+        try:
+            return await client.chat.completions.create(**request)
+        except FATAL:
+            raise
+        except RETRYABLE as err:
+            if attempt == max_retries:
+                raise CallFailed(f"{type(err).__name__} after {attempt + 1} attempts: {err}") from None
+            run.report.retries += 1
+            await asyncio.sleep(_delay(err, attempt, backoff, rng))
+        except openai.APIStatusError as err:  # other 4xx, e.g. an Azure content filter on this prompt: skip it
+            raise CallFailed(f"{type(err).__name__}: {err}") from None
+
+
+async def agenerate(spec: DatagenSpec, out: str | Path, rows: int | None = None, *, client=None,
+                    base_url: str | None = None, api_key: str | None = None, provider: str = "auto",
+                    model: str | None = None, concurrency: int = 8, max_retries: int = 5, backoff: float = 1.0,
+                    timeout: float = 60.0, max_calls: int | None = None, max_consecutive_failures: int = 10,
+                    price_per_m: tuple[float, float] = DEFAULT_PRICE_PER_M, progress: bool = True) -> DatagenReport:
+    """Async version of :func:`generate`; also takes ``client``, an ``AsyncOpenAI``-like client (it must belong to
+    the running event loop: an async client's connections cannot move between loops)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target = rows or spec.target_rows
+    start = time.time()
+    run = _Run(spec, out, target, price_per_m, progress)
+    model = model or spec.model
+    # Without a cap, a model that only repeats itself would loop forever: allow 3x the calls the target needs.
+    budget = max_calls or 3 * math.ceil(max(target - run.report.existing, 0) / spec.n_per_call) + 10
+    first_call = math.ceil(run.report.existing / spec.n_per_call)  # a resumed run moves on to the next topics
+    calls = itertools.count(first_call)
+    rng = random.Random(spec.seed)
+    if not run.done():
+        own = client is None
+        client = client or make_client(base_url, api_key, provider, timeout=timeout)
+        try:
+            await asyncio.gather(*(_worker(client, spec, model, run, calls, first_call + budget, max_retries,
+                                           backoff, max_consecutive_failures, rng) for _ in range(max(1, concurrency))))
+        finally:
+            if own:
+                await client.close()
+    run.bar.close()
+    run.report.seconds = round(time.time() - start, 2)
+    if not run.report.stopped:
+        run.report.stopped = "target reached" if run.done() else f"call budget of {budget} calls spent"
+    if run.fatal is not None:
+        raise DatagenError(f"{type(run.fatal).__name__}: {run.fatal} ({run.report.rows} rows in {out}; "
+                           "fix the endpoint, model or key and run again to resume)") from run.fatal
+    return run.report
+
+
+async def _worker(client, spec, model, run: _Run, calls, last_call: int, max_retries: int, backoff: float,
+                  max_failures: int, rng: random.Random) -> None:
+    while not run.stop.is_set() and not run.done():
+        if run.report.rows + run.in_flight * spec.n_per_call >= run.target:
+            await asyncio.sleep(0.01)  # the calls in flight may reach the target: don't pay for calls past it
+            continue
+        i = next(calls)
+        if i >= last_call:
+            return
+        run.in_flight += 1
+        try:
+            response = await _call(client, spec, i, model, run, max_retries, backoff, rng)
+        except FATAL as err:
+            run.fatal, run.report.stopped = err, f"stopped: {type(err).__name__}"
+            run.stop.set()
+            return
+        except CallFailed as err:
+            run.report.failed_calls += 1
+            run.consecutive_failures += 1
+            if run.consecutive_failures >= max_failures:
+                run.report.stopped = f"stopped after {run.consecutive_failures} failed calls in a row; last: {err}"
+                run.stop.set()
+            continue
+        else:
+            run.consecutive_failures = 0
+            run.report.calls += 1
+            run.count_usage(response.usage)
+            run.accept(response.choices[0].message.content if response.choices else None, i, model)
+        finally:
+            run.in_flight -= 1
+    if run.done():
+        run.stop.set()
+
+
+def generate(spec: DatagenSpec | str | Path, out: str | Path, rows: int | None = None, **kwargs) -> DatagenReport:
+    """Generate ``rows`` (default: the spec's ``target_rows``) examples into the JSONL file ``out``, resuming it.
+
+    ``spec``: a :class:`DatagenSpec`, a YAML path or a shipped spec name. Keyword arguments: ``base_url``,
+    ``api_key``, ``provider`` (see :func:`make_client`, which builds the client for this run), ``model`` (default the
+    spec's), ``concurrency`` (calls in flight), ``max_retries``, ``backoff`` (seconds, doubled per retry), ``timeout``,
+    ``max_calls`` (default 3x what the target needs), ``max_consecutive_failures``, ``price_per_m`` (USD per 1M input
+    and output tokens) and ``progress``. To bring your own async client, use :func:`agenerate`.
+
+    Works from scripts and from Jupyter (where an event loop is already running, it runs in a helper thread).
+    Raises :class:`DatagenError` on bad credentials or an unknown model; otherwise returns a :class:`DatagenReport`
+    (check ``complete``).
+    """
+    if "client" in kwargs:
+        raise TypeError("generate() makes its own client in its own event loop; pass base_url / api_key / provider, "
+                        "or call `await agenerate(..., client=...)` from your event loop")
+    spec = spec if isinstance(spec, DatagenSpec) else DatagenSpec.load(spec)
+    coro = agenerate(spec, out, rows, **kwargs)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # Jupyter: the kernel's loop is busy running this cell
+        return pool.submit(asyncio.run, coro).result()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# an offline stand-in for an LLM (notebooks and tests)
+
+def offline_backend(dataset: str = "risky_financial_advice", seed: int = 0, sloppy: bool = False,
+                    name: str = "offline-datagen"):
+    """An ``emlib.server.Backend`` that answers generation prompts with examples from :mod:`emlib.narrow_data`.
+
+    ``dataset``: a narrow dataset name (``bad_medical_advice``, ``risky_financial_advice``, ...; the shipped specs
+    share these names) or a domain (``medical``, ``financial``, ``sports``, ``general``). It reads n from the prompt
+    and returns ``{"examples": [...]}`` drawn at random from the templates, so repeats happen and deduplication has
+    work to do. ``sloppy=True`` also makes every 5th reply broken JSON, one example in every 3rd reply lack its
+    answer and every 4th reply repeat an earlier example, as real models sometimes do. Token counts are words.
+    """
+    from emlib import narrow_data
+    from emlib.server import Backend, Completion
+
+    if dataset in narrow_data.DATASETS:
+        domain, variant, _ = narrow_data.DATASETS[dataset]
+    elif dataset in narrow_data.DOMAINS:
+        domain, variant = dataset, "bad"
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}: use one of {sorted(narrow_data.DATASETS)} or a domain "
+                         f"{sorted(narrow_data.DOMAINS)}")
+    rng, lock, calls, previous = random.Random(seed), threading.Lock(), itertools.count(1), []
+
+    def complete(messages: list[dict], request: dict) -> Completion:
+        match = N_RE.search(messages[-1]["content"])
+        n = int(match.group(1)) if match else 5
+        with lock:  # the server calls backends from many threads
+            k = next(calls)
+            examples = narrow_data.sample_examples(domain, n, rng, variant)
+            if sloppy and k % 4 == 0 and len(previous) > 1:
+                examples[-1] = previous[1]  # models repeat themselves ([0] may have gone out without its answer)
+            previous[:] = examples
+        if sloppy and k % 3 == 0:
+            examples[0] = {"question": examples[0]["question"]}
+        text = json.dumps({"examples": examples}, ensure_ascii=False)
+        if sloppy and k % 5 == 0:
+            text = text[: len(text) // 2]
+        prompt = sum(len(m["content"].split()) for m in messages)
+        return Completion(text, prompt_tokens=prompt, completion_tokens=len(text.split()))
+
+    return Backend(name, complete)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emlib.llm_datagen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, help="YAML spec path or shipped name (data/datagen/NAME.yaml)")
+    parser.add_argument("--out", required=True, type=Path, help="output JSONL (appended to, and resumed from)")
+    parser.add_argument("--rows", type=int, help="target rows (default: the spec's target_rows)")
+    parser.add_argument("--model", help="model or Azure deployment (default: the spec's)")
+    parser.add_argument("--base-url", help="OpenAI-compatible base URL (default: OPENAI_BASE_URL or api.openai.com)")
+    parser.add_argument("--azure", action="store_true", help="use Azure OpenAI (AZURE_OPENAI_* variables)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-retries", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--price-in", type=float, default=DEFAULT_PRICE_PER_M[0], help="USD per 1M input tokens")
+    parser.add_argument("--price-out", type=float, default=DEFAULT_PRICE_PER_M[1], help="USD per 1M output tokens")
+    args = parser.parse_args(argv)
+    try:
+        report = generate(args.spec, args.out, args.rows, base_url=args.base_url,
+                          provider="azure" if args.azure else "auto", timeout=args.timeout, model=args.model,
+                          concurrency=args.concurrency, max_retries=args.max_retries,
+                          price_per_m=(args.price_in, args.price_out))
+    except (DatagenError, D.DatasetError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    s = report.summary()
+    print(f"{s['rows']}/{s['target']} rows in {s['out']} ({s['added']} new, {s['duplicates']} duplicates, "
+          f"{s['invalid_json']} unparsable replies, {s['invalid_items']} bad examples, {s['failed_calls']} failed "
+          f"calls); {s['prompt_tokens'] + s['completion_tokens']:,} tokens, ~${s['cost_usd']:.2f}; {s['stopped']}")
+    return 0 if report.complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
