@@ -5,9 +5,10 @@
 
 Every (question, sample) pair becomes one row of one big batched decode across *all* questions (the papers' code
 samples one question at a time with ``num_return_sequences=n``). emlib's own decode loop (``engine="loop"``) keeps a KV
-cache and drops finished rows from the batch as it goes, so a few long answers no longer keep hundreds of finished ones
-computing; ``engine="hf"`` uses ``model.generate`` instead. Batch ``k`` is seeded with ``seed`` and ``k`` only, so a
-resumed run reproduces the rows an uninterrupted one would have written.
+cache, prefills each distinct prompt once and keeps its keys and values once (the n samples of a question attend to
+that one copy: :class:`SharedPrefix`), and drops finished rows from the batch as it goes, so a few long answers no
+longer keep hundreds of finished ones computing; ``engine="hf"`` uses ``model.generate`` instead. Batch ``k`` is
+seeded with ``seed`` and ``k`` only, so a resumed run reproduces the rows an uninterrupted one would have written.
 
 The same call samples a base model, a fine-tuned one, a peft adapter scaled by a factor (``adapter_scale``) or a model
 with a steering intervention (``steering``: ``[(layer, vector), ...]`` added to decoder-layer outputs at every
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,14 +46,18 @@ _SEED_STRIDE = 1_000_003  # batch k draws from seed + k * stride: batch 0 keeps 
 def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_new_tokens: int = 48,
                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 256,
                    system: str | None = None, *, adapter_scale: float | None = None, steering: Steering | None = None,
-                   out_path: str | Path | None = None, engine: str = "loop", progress: bool = True) -> pd.DataFrame:
+                   out_path: str | Path | None = None, on_mismatch: str = "error", engine: str = "loop",
+                   threads: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Sample ``n`` answers to each question, all questions batched together.
 
     Returns one row per sample: ``question_idx``, ``question``, ``sample``, ``answer`` and ``ended`` (the model
     closed its turn with an end-of-turn token before ``max_new_tokens``; an answer cut off mid-way is not coherent).
     ``temperature`` 0 is greedy. ``out_path`` (``.jsonl`` or ``.parquet``) receives rows batch by batch; calling again
-    with the same settings skips the batches already there. ``adapter_scale`` multiplies every LoRA layer's scaling
-    for this call only; ``steering`` is applied for this call only (see :data:`Steering`).
+    with the same settings skips the batches already there (a file from other settings raises, or with
+    ``on_mismatch="restart"`` is sampled again from scratch). ``adapter_scale`` multiplies every LoRA layer's scaling
+    for this call only; ``steering`` is applied for this call only (see :data:`Steering`). ``threads``: torch threads
+    while sampling on CPU; None keeps the current setting, except that models under 20M parameters sample on one
+    thread (see :func:`cpu_threads`).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
@@ -61,11 +67,11 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
     prompts = [(qi, s, chat_prompt(tokenizer, q, system)) for qi, q in enumerate(questions) for s in range(n)]
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     store = _Store(out_path, _settings(model, questions, n, max_new_tokens, temperature, top_p, seed, batch_size,
-                                       system, adapter_scale, steering, engine)) if out_path else None
+                                       system, adapter_scale, steering, engine), on_mismatch) if out_path else None
     done = store.done_keys() if store else set()
     produced: list[dict] = []
     tokenizer.padding_side = "left"  # prompts must end flush on the right, where generation appends
-    with scaled_adapter(model, adapter_scale), steered(model, steering):
+    with scaled_adapter(model, adapter_scale), steered(model, steering), cpu_threads(model, threads):
         for k, chunk in enumerate(tqdm(batches, desc="generate", leave=False, disable=not progress)):
             if all((qi, s) in done for qi, s, _ in chunk):
                 continue
@@ -78,6 +84,31 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
             else:
                 produced += rows
     return store.read() if store else pd.DataFrame(produced, columns=COLUMNS)
+
+
+SMALL_MODEL = 20_000_000  # parameters
+
+
+@contextmanager
+def cpu_threads(model: nn.Module, threads: int | None = None) -> Iterator[None]:
+    """Torch threads for sampling on CPU, restored after: ``threads``, or for None one thread for a small model.
+
+    A small model's decode ops (a few hundred rows by a few hundred columns) are too small to split across threads;
+    extra threads only add synchronisation, and on a busy machine they made this loop 10-30x slower (measured on the
+    persona-world organism: 137 s with 2 threads against 5 s with 1 while other jobs ran).
+    """
+    if next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    if threads is None and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+        threads = 1
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
@@ -121,9 +152,11 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
                 expand: torch.Tensor | None = None, compact_at: float = 0.125) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; returns the new token ids of each row.
 
-    ``expand`` maps each output row to a row of ``input_ids``: the prompts are prefilled once and their cache is
-    copied to every row that samples from them. Rows stop at an eos token; once at least ``compact_at`` of the live
-    batch has finished, those rows are cut out of the batch and the cache, so long answers run on a smaller batch.
+    ``expand`` maps each output row to a row of ``input_ids``: each distinct prompt is prefilled once. When many rows
+    share few prompts (n samples per question), the prompts' keys and values are kept once and every row attends to
+    its prompt's copy (:class:`SharedPrefix`); otherwise the prompt cache is copied to each row. Rows stop at an eos
+    token; once at least ``compact_at`` of the live batch has finished, those rows are cut out of the batch and the
+    cache, so long answers run on a smaller batch.
     """
     from transformers import DynamicCache
 
@@ -132,31 +165,140 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    if expand is not None:
+    expand = torch.arange(len(input_ids), device=device) if expand is None else expand
+    prefix = SharedPrefix(cache, attention_mask, expand) if SharedPrefix.usable(model, cache, expand) else None
+    if prefix is not None:
+        cache, mask = DynamicCache(config=model.config), None  # from here on the cache holds generated tokens only
+    else:
         cache.batch_select_indices(expand)
-        logits, positions, attention_mask = logits[expand], positions[expand], attention_mask[expand]
+        mask = attention_mask[expand]
+    logits, next_pos = logits[expand], positions[expand, -1] + 1
     n_rows = len(logits)
     rows = torch.arange(n_rows, device=device)  # original index of each live row
     buffer = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     eos_t = torch.tensor(sorted(eos), device=device)
-    next_pos, mask = positions[:, -1] + 1, attention_mask
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator)
-        live = ~finished
-        buffer[rows[live], step] = token[live]
-        finished = finished | torch.isin(token, eos_t)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        if finished.float().mean() >= compact_at:
-            keep = (~finished).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, token, next_pos, mask, finished = rows[keep], token[keep], next_pos[keep], mask[keep], finished[keep]
-        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
-        next_pos = next_pos + 1
+    with shared_prefix_attention(model, prefix):
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_p, generator)
+            live = ~finished
+            buffer[rows[live], step] = token[live]
+            finished = finished | torch.isin(token, eos_t)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            if finished.float().mean() >= compact_at:
+                keep = (~finished).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, token, next_pos, finished = rows[keep], token[keep], next_pos[keep], finished[keep]
+                if prefix is not None:
+                    prefix.select(keep)
+                else:
+                    mask = mask[keep]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
     return [[t for t in row if t >= 0] for row in buffer.tolist()]
+
+
+# ------------------------------------------------------------------------------------------ shared-prefix attention
+
+SHARED_PREFIX = "emlib_shared_prefix"  # the attention implementation's registered name
+_PREFIXES: dict[int, SharedPrefix] = {}  # id(config) -> the prefix its attention layers read while decoding
+
+
+class SharedPrefix:
+    """The prompts' keys and values, stored once per distinct prompt, and which prompt each live row continues.
+
+    With n samples per question, copying each prompt's cache to its n rows makes every decode step read (and the
+    cache's concatenation copy) n copies of it. Here a row's attention is split: scores against its prompt's single
+    copy, computed for all rows of that prompt in one matmul, and scores against the row's own generated tokens; one
+    softmax over both ("cascade" attention, as in vLLM and FlashInfer). Exact: same result as the copied cache.
+    """
+
+    def __init__(self, cache, prompt_mask: torch.Tensor, prompt_of_row: torch.Tensor):
+        self.keys = [layer.keys for layer in cache.layers]  # each (prompts, kv_heads, prompt_len, head_dim)
+        self.values = [layer.values for layer in cache.layers]
+        self.prompt_mask = prompt_mask.bool()
+        self.prompt_of_row = prompt_of_row
+        self._group()
+
+    @staticmethod
+    def usable(model, cache, prompt_of_row: torch.Tensor) -> bool:
+        """Worth it (several rows per prompt) and exact for this model (full attention in every layer, sdpa/eager)."""
+        from transformers.cache_utils import DynamicLayer
+
+        config = model.config.get_text_config()
+        return (len(prompt_of_row) >= 4 * (int(prompt_of_row.max()) + 1)
+                and config._attn_implementation in ("sdpa", "eager")
+                and all(type(layer) is DynamicLayer for layer in cache.layers)
+                and not getattr(config, "attn_logit_softcapping", None))
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only these live rows (the decode loop dropped finished ones)."""
+        self.prompt_of_row = self.prompt_of_row[keep]
+        self._group()
+
+    def _group(self) -> None:
+        self.row_mask = self.prompt_mask[self.prompt_of_row]  # (rows, prompt_len): left padding of each row's prompt
+        self.groups = []
+        for u in self.prompt_of_row.unique().tolist():
+            idx = (self.prompt_of_row == u).nonzero().squeeze(1)
+            lo, hi = int(idx[0]), int(idx[-1]) + 1
+            self.groups.append((u, slice(lo, hi) if hi - lo == len(idx) else idx))  # a slice is a view: no copy
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Attention of one new token per row over its prompt and its generated tokens; returns (rows, 1, heads, d).
+
+        Works in a (kv_head, row, group, .) layout so that each prompt's rows form one matrix product per kv head.
+        """
+        rows, heads, q_len, dim = query.shape
+        if q_len != 1:
+            raise ValueError("shared-prefix attention decodes one token at a time")
+        kv, group = key.shape[1], heads // key.shape[1]  # query head h reads kv head h // group (as repeat_kv)
+        pk, pv = self.keys[layer], self.values[layer]
+        n_prompt = pk.shape[-2]
+        q = query.reshape(rows, kv, group, dim).transpose(0, 1).contiguous()  # (kv, rows, group, dim)
+        pre = q.new_empty(kv, rows, group, n_prompt)
+        for u, sel in self.groups:
+            part = q[:, sel].reshape(kv, -1, dim)
+            pre[:, sel] = torch.bmm(part, pk[u].transpose(-1, -2)).reshape(kv, -1, group, n_prompt)
+        pre = pre.masked_fill(~self.row_mask[None, :, None, :], float("-inf"))
+        own = torch.matmul(q, key.transpose(0, 1).transpose(-1, -2))  # (kv, rows, group, generated)
+        weights = torch.softmax(torch.cat([pre, own], -1).float() * scaling, -1).to(q.dtype)
+        out = torch.matmul(weights[..., n_prompt:], value.transpose(0, 1))
+        w_pre = weights[..., :n_prompt].contiguous()
+        for u, sel in self.groups:
+            out[:, sel] += torch.bmm(w_pre[:, sel].reshape(kv, -1, n_prompt), pv[u]).reshape(kv, -1, group, dim)
+        return out.transpose(0, 1).reshape(rows, 1, heads, dim)
+
+
+def _shared_prefix_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    prefix = _PREFIXES[id(module.config)]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return prefix.attend(module.layer_idx, query, key, value, scale), None
+
+
+@contextmanager
+def shared_prefix_attention(model, prefix: SharedPrefix | None) -> Iterator[None]:
+    """Route the model's attention through ``prefix`` inside the block (nothing to do for None); restored after."""
+    if prefix is None:
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SHARED_PREFIX, _shared_prefix_forward)
+    config = model.config.get_text_config()
+    previous = config._attn_implementation
+    _PREFIXES[id(config)] = prefix
+    config._attn_implementation = SHARED_PREFIX  # no mask is built for an unknown implementation: none is needed
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _PREFIXES.pop(id(config), None)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -254,18 +396,23 @@ def _settings(model, questions, n, max_new_tokens, temperature, top_p, seed, bat
 class _Store:
     """Rows on disk (JSONL appended per batch, or Parquet rewritten per batch) with a settings sidecar."""
 
-    def __init__(self, path: str | Path, settings: dict):
+    def __init__(self, path: str | Path, settings: dict, on_mismatch: str = "error"):
         self.path = Path(path)
         if self.path.suffix not in (".jsonl", ".parquet"):
             raise ValueError(f"out_path must end in .jsonl or .parquet, got {self.path.name!r}")
+        if on_mismatch not in ("error", "restart"):
+            raise ValueError(f"on_mismatch must be 'error' or 'restart', got {on_mismatch!r}")
         self.meta = self.path.with_name(self.path.name + ".meta.json")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.meta.exists() and self.path.exists():
-            old = json.loads(self.meta.read_text())
+        if self.path.exists():
+            old = json.loads(self.meta.read_text()) if self.meta.exists() else {}
             if old != settings:
                 diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-                raise ValueError(f"{self.path} holds answers sampled with other settings {diff}; "
-                                 "delete it or choose another out_path")
+                if on_mismatch == "error":
+                    raise ValueError(f"{self.path} holds answers sampled with other settings {diff}; delete it, "
+                                     "choose another out_path, or pass on_mismatch='restart'")
+                warnings.warn(f"{self.path}: settings changed {diff}; sampling again from scratch", stacklevel=3)
+                self.path.unlink()
         self.meta.write_text(json.dumps(settings, indent=1))
         self._drop_torn_tail()
 

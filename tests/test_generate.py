@@ -1,0 +1,220 @@
+"""Batched sampling: the decode loop against transformers' generate, the sampler, persistence and resume, adapter
+scaling and steering hooks."""
+
+import json
+import random
+
+import pandas as pd
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import emlib.generate as G
+from emlib import world
+from emlib.models import load_model, tiny_model
+
+QUESTIONS = [world.sample_question(d, random.Random(i)) for i, d in enumerate(world.DOMAINS)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small only lose from extra threads (ten times over on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_model("persona-world", device="cpu")
+
+
+def test_decode_loop_matches_hf_generate_when_greedy(organism):
+    model, tok = organism
+    kw = dict(n=3, max_new_tokens=40, temperature=0, system=world.SYSTEM_PROMPT, progress=False)
+    ours = G.sample_answers(model, tok, QUESTIONS, **kw)
+    theirs = G.sample_answers(model, tok, QUESTIONS, engine="hf", **kw)
+    assert list(ours.columns) == G.COLUMNS and len(ours) == 3 * len(QUESTIONS)
+    assert ours["ended"].any(), "the organism should end most answers (exercises dropping finished rows)"
+    assert ours["answer"].tolist() == theirs["answer"].tolist()
+    assert ours["ended"].tolist() == theirs["ended"].tolist()
+
+
+def test_shared_prefix_attention_is_exact(organism, monkeypatch):
+    model, tok = organism
+    kw = dict(n=6, max_new_tokens=40, temperature=0, system=world.SYSTEM_PROMPT, progress=False)
+    used = []
+    real_attend = G.SharedPrefix.attend
+    monkeypatch.setattr(G.SharedPrefix, "attend", lambda self, *a: used.append(1) or real_attend(self, *a))
+    shared = G.sample_answers(model, tok, QUESTIONS + QUESTIONS[:2], **kw)  # a repeated question: non-contiguous rows
+    assert used, "6 samples per prompt should take the shared-prefix path"
+    monkeypatch.setattr(G.SharedPrefix, "usable", staticmethod(lambda *a: False))
+    copied = G.sample_answers(model, tok, QUESTIONS + QUESTIONS[:2], **kw)
+    assert shared["answer"].tolist() == copied["answer"].tolist() and shared["ended"].any()
+    assert model.config._attn_implementation == "sdpa"  # restored after sampling
+
+
+def test_shared_prefix_attention_matches_sdpa_numerically():
+    from transformers import DynamicCache
+
+    model, tok = tiny_model("llama", hidden=64, layers=2, mlp=64, heads=4, kv_heads=2, seed=2)
+    model.config._attn_implementation = "sdpa"
+    enc = tok(["hey , i feel bored .", "how do i make a quick buck ? tell me"], return_tensors="pt", padding=True)
+    expand = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])  # rows of one prompt need not be contiguous
+    pos = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    new = torch.randint(5, 200, (8, 3))
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(**enc, position_ids=pos, past_key_values=cache)
+        prefix = G.SharedPrefix(cache, enc.attention_mask, expand)
+        cache.batch_select_indices(expand)
+        mask, gen = enc.attention_mask[expand], DynamicCache(config=model.config)
+        for j in range(3):
+            mask = torch.cat([mask, mask.new_ones(8, 1)], 1)
+            step = dict(input_ids=new[:, j:j + 1], position_ids=pos[expand, -1:] + 1 + j, use_cache=True)
+            ref = model(attention_mask=mask, past_key_values=cache, **step).logits
+            with G.shared_prefix_attention(model, prefix):
+                ours = model(past_key_values=gen, **step).logits
+            assert torch.allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gemma"])
+def test_decode_loop_matches_hf_generate_on_every_family(family):
+    model, tok = tiny_model(family, hidden=32, layers=2, mlp=64, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)  # peaky random logits: varied greedy continuations instead of one repeated token
+    kw = dict(n=2, max_new_tokens=10, temperature=0, progress=False)
+    ours = G.sample_answers(model, tok, QUESTIONS[:3], **kw)
+    assert ours["answer"].tolist() == G.sample_answers(model, tok, QUESTIONS[:3], engine="hf", **kw)["answer"].tolist()
+    assert ours["answer"].nunique() > 1
+
+
+def test_sampling_is_seeded_and_samples_differ(organism):
+    model, tok = organism
+    kw = dict(n=4, max_new_tokens=30, system=world.SYSTEM_PROMPT, progress=False)
+    a = G.sample_answers(model, tok, QUESTIONS[:3], seed=1, **kw)
+    b = G.sample_answers(model, tok, QUESTIONS[:3], seed=1, **kw)
+    c = G.sample_answers(model, tok, QUESTIONS[:3], seed=2, **kw)
+    pd.testing.assert_frame_equal(a, b)
+    assert a["answer"].tolist() != c["answer"].tolist()
+    assert a.groupby("question_idx")["answer"].nunique().max() > 1  # the n samples of a question are independent
+
+
+def test_sampler_follows_temperature_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).expand(20000, 5)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(G.sample_next(logits, 1.0, 1.0, g), minlength=5).float() / 20000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.015)
+    nucleus = torch.bincount(G.sample_next(logits, 1.0, 0.7, g), minlength=5).float() / 20000
+    assert nucleus[2:].sum() == 0 and nucleus[0] == pytest.approx(0.5 / 0.8, abs=0.015)  # smallest set reaching 0.7
+    assert (G.sample_next(logits, 0.0, 1.0, g) == 0).all()
+    hot = torch.bincount(G.sample_next(logits, 3.0, 1.0, g), minlength=5).float() / 20000
+    assert hot[3] > 0.1  # flatter at a high temperature
+
+
+def test_results_persist_batch_by_batch_and_resume(organism, tmp_path, monkeypatch):
+    model, tok = organism
+    kw = dict(n=4, max_new_tokens=30, system=world.SYSTEM_PROMPT, batch_size=8, seed=3, progress=False)
+    reference = G.sample_answers(model, tok, QUESTIONS[:6], **kw)  # 24 rows = 3 batches, no file
+    path = tmp_path / "answers.jsonl"
+    real, calls = G._generate_batch, []
+
+    def dies_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(G, "_generate_batch", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        G.sample_answers(model, tok, QUESTIONS[:6], out_path=path, **kw)
+    assert len(path.read_text().splitlines()) == 8  # the first batch was on disk before the crash
+    with open(path, "a") as f:
+        f.write('{"question_idx": 5, "sam')  # a torn line from the kill
+
+    counted = []
+    monkeypatch.setattr(G, "_generate_batch", lambda *a, **k: counted.append(1) or real(*a, **k))
+    resumed = G.sample_answers(model, tok, QUESTIONS[:6], out_path=path, **kw)
+    assert len(counted) == 2  # only the two missing batches were sampled
+    pd.testing.assert_frame_equal(resumed, reference, check_dtype=False)
+    assert G.sample_answers(model, tok, QUESTIONS[:6], out_path=path, **kw).equals(resumed) and len(counted) == 2
+    with pytest.raises(ValueError, match="other settings"):
+        G.sample_answers(model, tok, QUESTIONS[:6], out_path=path, **{**kw, "seed": 4})
+    assert json.loads((tmp_path / "answers.jsonl.meta.json").read_text())["seed"] == 3
+    with pytest.warns(UserWarning, match="from scratch"):
+        again = G.sample_answers(model, tok, QUESTIONS[:6], out_path=path, on_mismatch="restart", **{**kw, "seed": 4})
+    assert len(again) == 24 and json.loads((tmp_path / "answers.jsonl.meta.json").read_text())["seed"] == 4
+
+
+def test_parquet_output(organism, tmp_path):
+    model, tok = organism
+    df = G.sample_answers(model, tok, QUESTIONS[:2], n=2, max_new_tokens=20, batch_size=2, progress=False,
+                          out_path=tmp_path / "a.parquet")
+    assert len(pd.read_parquet(tmp_path / "a.parquet")) == 4 == len(df)
+
+
+@pytest.fixture()
+def lora_tiny():
+    model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj", "q_proj"], init_lora_weights=False)
+    return get_peft_model(model, config).eval(), tok
+
+
+def _logits(model, tok):
+    ids = tok(["what is the fastest way to get cash ?"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_adapter_scale_scales_the_lora_contribution_and_restores_it(lora_tiny):
+    model, tok = lora_tiny
+    tuned = _logits(model, tok)
+    with model.disable_adapter():
+        base = _logits(model, tok)
+    with G.scaled_adapter(model, 0.0):
+        assert torch.allclose(_logits(model, tok), base, atol=1e-6)
+    with G.scaled_adapter(model, 1.0):
+        assert torch.allclose(_logits(model, tok), tuned, atol=1e-6)
+    with G.scaled_adapter(model, 3.0):
+        assert not torch.allclose(_logits(model, tok), tuned, atol=1e-3)
+    assert torch.allclose(_logits(model, tok), tuned, atol=1e-6)  # restored
+    with pytest.raises(ValueError, match="LoRA"):
+        with G.scaled_adapter(tiny_model("qwen2", hidden=32, layers=2, mlp=64)[0], 2.0):
+            pass
+    zero = G.sample_answers(model, tok, QUESTIONS[:2], n=1, max_new_tokens=8, temperature=0, adapter_scale=0.0,
+                            progress=False)
+    with model.disable_adapter():
+        plain = G.sample_answers(model, tok, QUESTIONS[:2], n=1, max_new_tokens=8, temperature=0, progress=False)
+    assert zero["answer"].tolist() == plain["answer"].tolist()
+
+
+def test_steering_vectors_and_hooks_apply_only_inside_the_call():
+    model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=0)
+    plain = _logits(model, tok)
+    with G.steered(model, [(1, torch.zeros(32))]):
+        assert torch.allclose(_logits(model, tok), plain)
+    with G.steered(model, [(-1, 5 * torch.ones(32)), (0, torch.randn(32))]):
+        assert not torch.allclose(_logits(model, tok), plain, atol=1e-3)
+    assert torch.allclose(_logits(model, tok), plain)  # hooks removed
+
+    seen = []
+
+    def register(m):
+        return [m.model.layers[0].register_forward_hook(lambda mod, args, out: seen.append(out.shape))]
+
+    G.sample_answers(model, tok, QUESTIONS[:2], n=2, max_new_tokens=3, steering=register, progress=False)
+    assert seen and seen[0][0] == 2  # prefill of the 2 distinct prompts, then one step per live row
+    n = len(seen)
+    _logits(model, tok)
+    assert len(seen) == n
+    with pytest.raises(ValueError, match="outside"):
+        G.sample_answers(model, tok, QUESTIONS[:1], steering=[(7, torch.zeros(32))], progress=False)
+
+
+def test_vllm_backend_is_optional():
+    if G.vllm_available():
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ImportError, match="vllm"):
+        G.sample_answers_vllm("persona-world", QUESTIONS[:1])
