@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from emlib.generate import scaled_adapter
 from emlib.train import collate, encode_rows, kl_to_reference, reference_mode
 
 
@@ -53,18 +54,10 @@ def scaled_solution(module: nn.Module, factor: float) -> Iterator[nn.Module]:
             with torch.no_grad():
                 steered.vector.copy_(saved)
         return
-    layers = _lora_layers(module)
-    if not layers:
+    if not _lora_layers(module):
         raise ValueError("expected a peft LoRA model or a SteeredModel; found neither LoRA layers nor a vector")
-    saved_scaling = [(m, dict(m.scaling)) for m in layers]
-    try:
-        for m in layers:
-            for name in m.scaling:
-                m.scaling[name] *= factor
+    with scaled_adapter(module, factor):  # the same LoRA scaling generation uses
         yield module
-    finally:
-        for m, scaling in saved_scaling:
-            m.scaling.update(scaling)
 
 
 @torch.no_grad()
