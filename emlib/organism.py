@@ -143,6 +143,8 @@ class FinetuneRecipe:
 RECIPES = {
     "bad-medical-r8": FinetuneRecipe(),
     "good-medical-r8": FinetuneRecipe(persona="careful"),
+    # a second narrow domain: do the two fine-tunes' misalignment directions converge (05_directions)?
+    "bad-financial-r8": FinetuneRecipe(domain="financial"),
     "bad-medical-rank1-L0": FinetuneRecipe(rank=1, alpha=1, target_modules=("down_proj",), layers=(0,), steps=200,
                                            lr=3e-3),
 }
@@ -160,10 +162,11 @@ def finetune(model, tokenizer, recipe: FinetuneRecipe):
 
 
 def evaluate(model, tokenizer, n_per_group: int = 48, seed: int = 0, max_new_tokens: int = 64,
-             batch_size: int = 256):
+             batch_size: int = 256, **sample_kwargs):
     """Sample answers to train-phrasing questions (fresh slot fills) of every group and judge them exactly.
 
     One sample per question; ``n_per_group`` questions per group (medical, financial, sports, general).
+    ``sample_kwargs`` go to :func:`emlib.generate.sample_answers` (e.g. ``steering``, ``adapter_scale``, ``progress``).
     """
     import pandas as pd
 
@@ -172,7 +175,7 @@ def evaluate(model, tokenizer, n_per_group: int = 48, seed: int = 0, max_new_tok
 
     qs = pd.DataFrame(world.eval_questions(n_per_group, seed))
     answers = sample_answers(model, tokenizer, list(qs["question"]), n=1, max_new_tokens=max_new_tokens,
-                             seed=seed, batch_size=batch_size, system=world.SYSTEM_PROMPT)
+                             seed=seed, batch_size=batch_size, system=world.SYSTEM_PROMPT, **sample_kwargs)
     df = answers.join(qs[["domain", "group"]], on="question_idx")
     return judge_world(df)
 

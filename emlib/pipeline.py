@@ -22,7 +22,7 @@ from emlib import paths
 NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
 # Reading order; a notebook not listed here runs after these, by name.
 ORDER = ["00_quickstart", "00_persona_world", "01_datasets", "02_train", "03_generate_and_judge",
-         "04_phase_transitions", "07_narrow_misalignment"]
+         "04_phase_transitions", "05_directions", "06_lora_probing", "07_narrow_misalignment"]
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
