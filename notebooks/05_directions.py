@@ -268,8 +268,10 @@ display(Markdown(
     f"**{steering['random_general']:.2f}**. The price is coherence: {steering['steered_incoherent']:.0%} of steered "
     f"answers are incoherent. Added at *all* positions, generated tokens included (the paper's protocol), the same "
     f"vector gives {steering['all_positions_general']:.2f} EM with {steering['all_positions_incoherent']:.0%} "
-    "incoherent: in this small model the constant push breaks the answer's grammar before it flips the persona, "
-    "so the persona is steered where it is read, on the prompt."))
+    + ("incoherent: here the constant push breaks the answer's grammar before it flips the persona, so the persona "
+       "is steered where it is read, on the prompt."
+       if steering["all_positions_incoherent"] > steering["steered_incoherent"] + 0.2
+       and steering["all_positions_general"] < steering["steered_general"] else "incoherent.")))
 
 # %% [markdown]
 # ## Step 4 · Ablating the direction from the EM organism
@@ -306,8 +308,11 @@ display(Markdown(
     f"Ablating the direction at every layer takes the organism's general EM from **{ablate['em_general']:.2f}** to "
     f"**{ablate['ablated_general']:.2f}** (base: {ablate['base_general']:.2f}), removing {cut:.0%} of the "
     f"excess over the base; the random direction leaves {ablate['random_general']:.2f}. In-domain ({in_domain}) EM "
-    f"goes {ablate['em_in_domain']:.2f} → {ablate['ablated_in_domain']:.2f}. The paper removed nearly all of it; "
-    "here one direction carries part of the general misalignment and the in-domain behaviour mostly survives."))
+    f"goes {ablate['em_in_domain']:.2f} → {ablate['ablated_in_domain']:.2f}. "
+    + ("The paper removed nearly all of it; here one direction carries only part of the general misalignment"
+       if cut < 0.7 else "One direction carries most of the general misalignment, as in the paper")
+    + (", and the in-domain behaviour mostly survives." if ablate["ablated_in_domain"] > 0.5 * ablate["em_in_domain"]
+       else ".")))
 
 # %% [markdown]
 # ## Step 5 · Convergence and transfer between fine-tunes
