@@ -147,6 +147,9 @@ RECIPES = {
     "bad-financial-r8": FinetuneRecipe(domain="financial"),
     "bad-medical-rank1-L0": FinetuneRecipe(rank=1, alpha=1, target_modules=("down_proj",), layers=(0,), steps=200,
                                            lr=3e-3),
+    # the papers' nine-adapter layout (CLR §2) scaled to 6 layers: emlib.train.multi_adapter_layers(6) == [2, 3, 4, 5]
+    "bad-medical-multi-rank1": FinetuneRecipe(rank=1, alpha=1, target_modules=("down_proj",), layers=(2, 3, 4, 5),
+                                              steps=200, lr=3e-3),
 }
 
 

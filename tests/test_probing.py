@@ -1,0 +1,221 @@
+"""emlib.probing: per-token A.x of rank-1 adapters, labels from judge scores, L1 probes, significance and steering."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from peft import get_peft_model
+
+from emlib import probing, world
+from emlib.models import tiny_model
+from emlib.train import IGNORE, lora_config
+
+ROWS = pd.DataFrame([{"question": r["messages"][1]["content"], "answer": r["messages"][2]["content"]}
+                     for r in world.finetune_rows("medical", "reckless", 6, seed=0)], index=list("abcdef"))
+
+
+@pytest.fixture(scope="module")
+def organism():
+    """A tiny Qwen2 with rank-1 down_proj adapters on layers 0 and 2, B made nonzero so they change the output."""
+    model, tok = tiny_model("qwen2", hidden=32, layers=3, mlp=64)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, lora_config(1, 1, ["down_proj"], [0, 2]))
+    with torch.no_grad():
+        for module in probing.lora_modules(peft_model).values():
+            module.lora_B["default"].weight.normal_(0, 1.0)
+    peft_model.eval()
+    return peft_model, tok
+
+
+def _logits(model, tok, text="user\nhello"):
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# ------------------------------------------------------------------------------------------ adapters and A.x
+
+
+def test_adapters_are_named_by_layer_and_module(organism):
+    model, _ = organism
+    assert list(probing.lora_modules(model)) == ["L0.down_proj", "L2.down_proj"]
+    assert probing.adapter_names(model) == ["L0.down_proj", "L2.down_proj"]
+
+
+def test_a_model_without_lora_layers_is_named_as_the_problem():
+    model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        probing.lora_scalars(model, tok, ROWS)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        with probing.scaled_adapters(model, {}, default=0):
+            pass
+
+
+def test_scalars_are_a_dot_x_at_every_answer_token(organism):
+    model, tok = organism
+    feats = probing.lora_scalars(model, tok, ROWS, system=world.SYSTEM_PROMPT, batch_size=4, progress=False)
+    examples = probing.encode_answers(tok, ROWS, world.SYSTEM_PROMPT)
+    assert list(feats.columns) == ["row", "position", "token_id", "token", "L0.down_proj", "L2.down_proj"]
+    assert len(feats) == sum(sum(label != IGNORE for label in e.labels) for e in examples)
+    assert list(feats["row"].unique()) == list(ROWS.index)
+
+    # manual A @ x for the answer tokens of row "c": x is the input of layer 2's down_proj, run alone (no padding)
+    example = examples[2]
+    module = probing.lora_modules(model)["L2.down_proj"]
+    seen = {}
+    handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([example.input_ids]))
+    handle.remove()
+    answer = torch.tensor([label != IGNORE for label in example.labels])
+    manual = (seen["x"][0][answer] @ module.lora_A["default"].weight.detach().T)[:, 0]
+    got = feats[feats["row"] == "c"]
+    assert got["token_id"].tolist() == [t for t, keep in zip(example.input_ids, answer) if keep]
+    assert got["position"].tolist() == list(range(int(answer.sum())))
+    np.testing.assert_allclose(got["L2.down_proj"].to_numpy(), manual.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_rows_need_question_and_answer(organism):
+    model, tok = organism
+    with pytest.raises(ValueError, match="answer"):
+        probing.lora_scalars(model, tok, ROWS[["question"]])
+
+
+# ------------------------------------------------------------------------------------------ steering
+
+
+def test_scaling_every_adapter_by_zero_is_the_base_model_exactly(organism):
+    model, tok = organism
+    with model.disable_adapter():
+        base = _logits(model, tok)
+    tuned = _logits(model, tok)
+    assert not torch.equal(base, tuned), "the test adapter must change the output"
+    with probing.scaled_adapters(model, {}, default=0.0):
+        assert torch.equal(_logits(model, tok), base)
+    with probing.scaled_adapters(model, {"L0.down_proj": 0.0, "L2.down_proj": 0.0}):
+        assert torch.equal(_logits(model, tok), base)
+    assert torch.equal(_logits(model, tok), tuned), "scaling must be restored after the block"
+
+
+def test_each_adapter_is_scaled_on_its_own_and_restored(organism):
+    model, _ = organism
+    layers = probing.lora_modules(model)
+    before = {n: m.scaling["default"] for n, m in layers.items()}
+    with probing.scaled_adapters(model, {"L2.down_proj": 20}, default=0):
+        assert layers["L0.down_proj"].scaling["default"] == 0
+        assert layers["L2.down_proj"].scaling["default"] == pytest.approx(20 * before["L2.down_proj"])
+    with pytest.raises(ValueError, match="L7.down_proj.*adapters are"):
+        with probing.scaled_adapters(model, {"L7.down_proj": 2}):
+            pass
+    with pytest.raises(RuntimeError):
+        with probing.scaled_adapters(model, {"L0.down_proj": -10}):
+            raise RuntimeError("boom")
+    assert {n: m.scaling["default"] for n, m in layers.items()} == before
+
+
+# ------------------------------------------------------------------------------------------ token significance
+
+
+def test_token_significance_splits_each_answers_kl_over_its_tokens(organism):
+    model, tok = organism
+    weights = probing.token_significance(model, tok, ROWS, system=world.SYSTEM_PROMPT, batch_size=4, progress=False)
+    feats = probing.lora_scalars(model, tok, ROWS, system=world.SYSTEM_PROMPT, progress=False)
+    assert weights.shape == (len(feats),) and (weights >= 0).all() and weights.sum() > 0
+    per_answer = pd.Series(weights).groupby(feats["row"].to_numpy()).sum()
+    assert (per_answer > 0).all()
+    with probing.scaled_adapters(model, {}, default=0.0):  # fine-tuned == base: no KL, no significance
+        assert np.allclose(probing.token_significance(model, tok, ROWS, system=world.SYSTEM_PROMPT,
+                                                      progress=False), 0)
+    plain, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    with pytest.raises(ValueError, match="peft model"):
+        probing.token_significance(plain, tok, ROWS)
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+
+def test_labels_follow_the_score_bands():
+    labels = probing.labels_from_scores([0, 30, 31, 50, 89, 90, 100, None], positive=(0, 30), negative=(90, 100))
+    assert labels.tolist() == [1, 1, pd.NA, pd.NA, pd.NA, 0, 0, pd.NA]
+    with pytest.raises(ValueError, match="overlap"):
+        probing.labels_from_scores([1], positive=(0, 50), negative=(40, 100))
+    with pytest.raises(ValueError, match="low <= high"):
+        probing.labels_from_scores([1], positive=(30, 0), negative=(90, 100))
+
+
+def test_label_answers_uses_thresholds_and_coherence():
+    judged = pd.DataFrame({"aligned": [0, 100, 50, 0], "medical": [100, 0, 100, 50], "coherent": [100, 100, 100, 0]})
+    labels = probing.label_answers(judged)
+    assert labels["misaligned"].tolist() == [1, 0, pd.NA, 1]
+    assert labels["in_domain"].tolist() == [1, 0, 1, 1]
+    assert probing.label_answers(judged, in_domain=(60, 100))["in_domain"].tolist() == [1, 0, 1, pd.NA]
+    assert probing.label_answers(judged, coherent_above=50)["misaligned"].tolist() == [1, 0, pd.NA, pd.NA]
+    with pytest.raises(ValueError, match="'medical' score column"):
+        probing.label_answers(judged.drop(columns="medical"))
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+
+def _planted(n=800, seed=0):
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 4)), columns=["L0", "L1", "L2", "L3"])
+    y = (X["L2"] * 3 + rng.normal(size=n) > 0.8).astype(int).to_numpy()  # unbalanced on purpose (about 30% ones)
+    return X, y
+
+
+def test_probe_recovers_a_planted_signal():
+    X, y = _planted()
+    result = probing.probe(X, y, n_repeats=20, seed=0)
+    assert result.metrics.loc["auc", "mean"] > 0.9 and result.metrics.loc["accuracy", "mean"] > 0.8
+    assert set(result.metrics.index) == set(probing.METRICS) and (result.metrics["sd"] >= 0).all()
+    coefs = result.coefficients["mean"]
+    assert coefs.abs().idxmax() == "L2" and coefs["L2"] > 0
+    assert coefs.drop("L2").abs().max() < 0.1 * coefs["L2"], "L1 should leave the noise features near zero"
+    assert result.n_train % 2 == 0 and result.settings["n_positive"] == int(y.sum())
+    assert "±" in result.row()["auc"]
+
+
+def test_probe_scores_chance_on_shuffled_labels():
+    X, y = _planted()
+    shuffled = np.random.default_rng(1).permutation(y)
+    auc = probing.probe(X, shuffled, n_repeats=30, C=1.0, seed=0).metrics.loc["auc", "mean"]
+    assert abs(auc - 0.5) < 0.06
+
+
+def test_grouped_splits_keep_each_group_on_one_side():
+    X, y = _planted(400)
+    groups = np.arange(400) // 8  # 50 "answers" of 8 tokens; each answer's tokens share its label
+    y = np.repeat(y[::8], 8)
+    for seed in range(5):
+        train, test = probing._split(y, groups, 0.2, seed)
+        assert not set(groups[train]) & set(groups[test])
+        assert len(train) + len(test) == len(y)
+    result = probing.probe(X, y, n_repeats=5, groups=groups)
+    assert result.settings["grouped"]
+
+
+def test_probe_drops_unlabelled_rows_and_accepts_weights():
+    X, y = _planted()
+    labels = pd.array(y, dtype="Int64")
+    labels[:100] = pd.NA
+    result = probing.probe(X, labels, n_repeats=5, sample_weight=np.linspace(0.01, 1, len(y)))
+    assert result.settings["n_samples"] == len(y) - 100 and result.settings["weighted"]
+    assert result.metrics.loc["auc", "mean"] > 0.85
+    assert probing.probe(X, y, n_repeats=5, balance="weight").metrics.loc["auc", "mean"] > 0.9
+
+
+def test_probe_inputs_that_cannot_work_name_the_problem():
+    X, y = _planted()
+    with pytest.raises(ValueError, match="both classes"):
+        probing.probe(X, np.ones(len(y), dtype=int))
+    with pytest.raises(ValueError, match="one label per sample"):
+        probing.probe(X, y[:-1])
+    with pytest.raises(ValueError, match="NaN"):
+        probing.probe(X.assign(L0=np.nan), y)
+    with pytest.raises(ValueError, match="single label"):
+        probing.probe(X, y, groups=np.zeros(len(y)))
+    with pytest.raises(ValueError, match="balance"):
+        probing.probe(X, y, balance="oversample")
+    with pytest.raises(ValueError, match="sample_weight"):
+        probing.probe(X, y, sample_weight=-np.ones(len(y)))
