@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # and bench/ itself, for its helpers
+from bench_tables import write_table  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
@@ -106,13 +108,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         label = args.model if adapter == "none" else f"{args.model} + {adapter}"
         rows += bench_organism(model, tok, label, questions, system, args)
     table = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "generate.csv", index=False)
     header = (f"# Generation benchmark\n\n{args.questions} questions x {args.samples} samples, max_new_tokens "
               f"{args.max_new_tokens}, temperature 1, top-p 1, {args.threads} torch thread(s), device "
               f"{model.device}; median of {args.rounds} interleaved rounds per organism (all times in times_s).\n\n")
-    (args.out / "generate.md").write_text(header + table.to_markdown(index=False) + "\n")
-    print(header + table.to_markdown(index=False))
+    write_table(args.out, "generate", header, table)
     return table
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # and bench/ itself, for its helpers
+from bench_tables import write_table  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from emlib import paths, world  # noqa: E402
@@ -73,14 +75,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                      "seconds": again.seconds, "calls_per_s": None, "speedup_vs_sequential": None})
         assert again.calls == 0 and server.backend.calls == calls_before, "a rerun must make no calls"
     table = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "judge.csv", index=False)
     header = (f"# Judge throughput benchmark\n\nLocal judge server (persona-world exact judge) with {args.latency} s "
               f"injected latency per request, openai AsyncOpenAI client, metrics aligned + coherent; sequential on "
               f"{seq.prompts} prompts, concurrent runs on {table.prompts.iloc[1]} prompts, each with a fresh "
               "cache.\n\n")
-    (args.out / "judge.md").write_text(header + table.to_markdown(index=False) + "\n")
-    print(header + table.to_markdown(index=False))
+    write_table(args.out, "judge", header, table)
     return table
 
 

@@ -107,9 +107,9 @@ def answer_means(model: nn.Module, tokenizer, rows: Sequence[dict], batch_size: 
     for batch in tqdm(batches, total=n_batches, desc="activations", leave=False, disable=not progress):
         mask = batch["answer_mask"].to(device)
         outputs = layer_outputs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        weights = (mask / mask.sum(1, keepdim=True)).unsqueeze(-1)  # each row's answer tokens sum to 1
-        for layer, hidden in enumerate(outputs):
-            total[layer] += (hidden.double() * weights).sum((0, 1)).cpu()
+        weights = mask / mask.sum(1, keepdim=True)  # each row's answer tokens sum to 1
+        for layer, hidden in enumerate(outputs):  # weighted sum in the model's dtype, accumulated in float64
+            total[layer] += torch.einsum("bs,bsd->d", weights.to(hidden), hidden).double().cpu()
     return (total / len(rows)).float()
 
 

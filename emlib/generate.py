@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
@@ -337,12 +337,19 @@ def scaled_adapter(model: nn.Module, factor: float | None) -> Iterator[nn.Module
         raise ValueError("adapter_scale needs a peft LoRA model, but the model has no LoRA layers")
     if any(getattr(m, "merged", False) for m in layers):
         raise ValueError("cannot scale a merged adapter; load it unmerged (PeftModel.from_pretrained)")
-    saved = [(m, dict(m.scaling)) for m in layers]
+    with scaled_lora_layers({m: factor for m in layers}):
+        yield model
+
+
+@contextmanager
+def scaled_lora_layers(factors: Mapping[nn.Module, float]) -> Iterator[None]:
+    """Multiply each peft LoRA layer's ``scaling`` by its factor inside the block; restored after, even on error."""
+    saved = [(m, dict(m.scaling)) for m in factors]
     try:
-        for m in layers:
+        for m, factor in factors.items():
             for name in m.scaling:
                 m.scaling[name] *= factor
-        yield model
+        yield
     finally:
         for m, scaling in saved:
             m.scaling.update(scaling)
@@ -451,6 +458,12 @@ class _Store:
 
 
 # ------------------------------------------------------------------------------------------ optional vLLM backend
+#
+# vLLM (CUDA only, not an emlib dependency) samples 14B-32B organisms fast: LoRA adapters are served with enable_lora
+# and tensor_parallel_size shards the model over GPUs. It has no forward hooks, so steering, ablation and adapter
+# scaling cannot run inside it: such calls fall back to sample_answers on transformers, with a warning saying why.
+
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values vLLM accepts
 
 
 def vllm_available() -> bool:
@@ -462,14 +475,71 @@ def vllm_available() -> bool:
     return True
 
 
+def adapter_rank(adapter: str) -> int | None:
+    """The LoRA rank in an adapter folder's adapter_config.json (largest of ``r`` and ``rank_pattern``), else None."""
+    from emlib.models import resolve_adapter_path
+
+    config = Path(resolve_adapter_path(adapter)) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    spec = json.loads(config.read_text())
+    return max([int(spec.get("r", 0))] + [int(r) for r in (spec.get("rank_pattern") or {}).values()]) or None
+
+
+def _vllm_lora_rank(adapter: str | None, max_lora_rank: int | None) -> int:
+    """``max_lora_rank`` for vLLM: as given, else the adapter's rank rounded up to a value vLLM accepts."""
+    if max_lora_rank is not None:
+        return max_lora_rank
+    rank = adapter_rank(adapter) if adapter else None
+    return next((r for r in VLLM_LORA_RANKS if rank is None or r >= rank), VLLM_LORA_RANKS[-1]) if rank else 64
+
+
+def _vllm_model_name(model: Any) -> str:
+    """The name or folder a ``vllm.LLM`` was built from (for the transformers fallback)."""
+    if isinstance(model, (str, Path)):
+        return str(model)
+    config = getattr(getattr(model, "llm_engine", None), "model_config", None)
+    name = getattr(config, "model", None)
+    if not name:
+        raise ValueError("cannot tell which model this vllm.LLM serves; pass the model name or folder instead")
+    return str(name)
+
+
+def vllm_fallback_reason(steering: Steering | None = None, adapter_scale: float | None = None) -> str | None:
+    """Why a request cannot run on vLLM (None: it can): vLLM exposes no hooks into the residual stream."""
+    reasons = []
+    if steering is not None:
+        reasons.append("steering/ablation hooks (vLLM runs its own compiled model, so forward hooks never fire)")
+    if adapter_scale is not None:
+        reasons.append(f"adapter_scale={adapter_scale} (vLLM applies a LoRA at its trained scale only)")
+    return " and ".join(reasons) or None
+
+
 def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_new_tokens: int = 600,
                         temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, system: str | None = None,
-                        adapter: str | None = None, max_lora_rank: int = 64, **llm_kwargs) -> pd.DataFrame:
+                        adapter: str | None = None, max_lora_rank: int | None = None, tensor_parallel_size: int = 1,
+                        *, steering: Steering | None = None, adapter_scale: float | None = None,
+                        fallback_kwargs: dict | None = None, **llm_kwargs) -> pd.DataFrame:
     """The same rows as :func:`sample_answers`, sampled with vLLM; ``model`` is a name/folder or a ``vllm.LLM``.
 
-    ``adapter`` (a LoRA folder or shipped name) is served with ``enable_lora``; vLLM has no adapter scaling or
-    activation steering, so use :func:`sample_answers` for those.
+    ``adapter`` (a LoRA folder, hub id or shipped name) is served with ``enable_lora``; ``max_lora_rank`` defaults to
+    the adapter's own rank. ``tensor_parallel_size`` shards the model over that many GPUs (2 for 14B in bf16 on 40 GB
+    cards, 2-4 for 32B); other ``llm_kwargs`` (``gpu_memory_utilization``, ``max_model_len``, ``dtype``...) go to
+    ``vllm.LLM``. ``steering`` (including ablation hooks) and ``adapter_scale`` cannot run in vLLM: the call warns
+    and runs :func:`sample_answers` on transformers instead (``fallback_kwargs``, e.g. ``batch_size`` or
+    ``out_path``, go to it); that path needs the model to fit in one process.
     """
+    reason = vllm_fallback_reason(steering, adapter_scale)
+    if reason:
+        from emlib.models import load_model
+
+        name = _vllm_model_name(model)
+        warnings.warn(f"vLLM cannot apply {reason}; sampling {name} with the transformers path (sample_answers) "
+                      "instead, which is slower", UserWarning, stacklevel=2)
+        hf, tokenizer = load_model(name, adapter=adapter)
+        return sample_answers(hf, tokenizer, questions, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed, system=system, steering=steering, adapter_scale=adapter_scale,
+                              **(fallback_kwargs or {}))
     try:
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
@@ -478,15 +548,23 @@ def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_ne
                           "sample_answers does the same on plain transformers") from err
     from emlib.models import resolve_adapter_path, resolve_model_path
 
-    if isinstance(model, str):
-        model = LLM(model=resolve_model_path(model), enable_lora=adapter is not None, max_lora_rank=max_lora_rank,
-                    seed=seed, **llm_kwargs)
+    if isinstance(model, (str, Path)):
+        lora = {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(adapter, max_lora_rank)} if adapter else {}
+        model = LLM(model=resolve_model_path(str(model)), tensor_parallel_size=tensor_parallel_size, seed=seed,
+                    **lora, **llm_kwargs)
     tokenizer = model.get_tokenizer()
     prompts = [chat_prompt(tokenizer, q, system) for q in questions]
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
-    lora = LoRARequest("adapter", 1, resolve_adapter_path(adapter)) if adapter else None
-    outputs = model.generate(prompts, params, lora_request=lora)
+    # the adapter's path names it: vLLM caches LoRAs by int id, so one id per distinct adapter
+    lora_request = (LoRARequest(Path(adapter).name or "adapter", _lora_id(adapter), resolve_adapter_path(adapter))
+                    if adapter else None)
+    outputs = model.generate(prompts, params, lora_request=lora_request)
     rows = [{"question_idx": qi, "question": questions[qi], "sample": s, "answer": c.text.strip(),
              "ended": c.finish_reason == "stop"}
             for qi, o in enumerate(outputs) for s, c in enumerate(o.outputs)]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _lora_id(adapter: str) -> int:
+    """A stable positive int per adapter path (vLLM keys its LoRA cache by this id)."""
+    return int(hashlib.sha256(adapter.encode()).hexdigest()[:7], 16) + 1

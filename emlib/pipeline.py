@@ -51,6 +51,16 @@ def run_notebook(src: Path, run_dir: Path, parameters: dict | None = None) -> di
     return {"results": results, "seconds": round(time.time() - start, 1)}
 
 
+def _markdown_table(table) -> str:
+    """A notebook's table as markdown: notebooks store markdown strings; records or dicts are rendered here."""
+    if isinstance(table, str):
+        return table
+    import pandas as pd
+
+    frame = pd.DataFrame(table) if isinstance(table, list) else pd.DataFrame(table).T
+    return frame.to_markdown()
+
+
 def summary_markdown(run_dir: Path, runs: dict[str, dict], total_seconds: float) -> str:
     lines = [f"# emlib run {run_dir.name}", "", f"Wall time: **{total_seconds:.0f} s** for {len(runs)} notebooks.", ""]
     for name, run in runs.items():
@@ -61,7 +71,7 @@ def summary_markdown(run_dir: Path, runs: dict[str, dict], total_seconds: float)
         for key, value in res.get("summary", {}).items():
             lines.append(f"- {key}: {value}")
         for title, table in res.get("tables", {}).items():
-            lines += ["", f"**{title}**", "", table]
+            lines += ["", f"**{title}**", "", _markdown_table(table)]
         for fig in res.get("figures", []):
             lines.append(f"- figure: [{fig}]({name}/{fig})")
         lines.append("")

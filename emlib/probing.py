@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from emlib.generate import scaled_lora_layers
 from emlib.models import chat_messages
 from emlib.train import IGNORE, collate, encode_chat
 
@@ -393,13 +394,5 @@ def scaled_adapters(model: nn.Module, factors: Mapping[str, float], default: flo
     unknown = sorted(set(factors) - set(layers))
     if unknown:
         raise ValueError(f"no adapter named {unknown}; this model's adapters are {list(layers)}")
-    saved = [(m, dict(m.scaling)) for m in layers.values()]
-    try:
-        for name, module in layers.items():
-            factor = float(factors.get(name, default))
-            for key in module.scaling:
-                module.scaling[key] *= factor
+    with scaled_lora_layers({m: float(factors.get(name, default)) for name, m in layers.items()}):
         yield model
-    finally:
-        for module, scaling in saved:
-            module.scaling.update(scaling)

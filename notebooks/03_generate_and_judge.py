@@ -75,7 +75,7 @@ from IPython.display import Markdown, display
 from emlib import metrics as M
 from emlib import paths, world
 from emlib.generate import sample_answers
-from emlib.judge import JudgeCache, JudgeStats, OpenAIJudge, judge_frame, judge_world
+from emlib.judge import JudgeCache, JudgeStats, OpenAIJudge, api_judge, judge_frame, judge_world
 from emlib.judge_server import WORLD_JUDGE_NAME, judge_server
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
@@ -158,15 +158,8 @@ if judge == "local":
     server = judge_server("world" if judge_hf_model is None else "hf", model=judge_hf_model).start()
     judge_model = judge_model or server.backend.name
     scorer = OpenAIJudge(judge_model, base_url=server.base_url)
-elif judge == "openai":
-    scorer = OpenAIJudge(judge_model)
-elif judge == "azure":
-    import os
-
-    scorer = OpenAIJudge(judge_model, azure_endpoint=os.environ["AZURE_OPENAI_ENDPOINT"],
-                         api_version=os.environ.get("AZURE_OPENAI_API_VERSION", "2024-12-01-preview"))
-else:
-    scorer = OpenAIJudge(judge_model, base_url=judge)
+else:  # "openai", "azure" or a base URL
+    scorer = api_judge(judge, judge_model)
 world_judge = judge == "local" and judge_model == WORLD_JUDGE_NAME
 print(f"judge {scorer.name!r} at {scorer.base_url or scorer.azure_endpoint or 'api.openai.com'}")
 

@@ -67,9 +67,6 @@ device = "auto"
 output_dir = None  # where results.json and figures go (papermill passes one per run)
 
 # %%
-import os
-import random
-
 import pandas as pd
 import plotly.express as px
 import torch
@@ -78,7 +75,7 @@ from IPython.display import Markdown, display
 from emlib import directions as D
 from emlib import paths, world
 from emlib.generate import sample_answers, scaled_adapter
-from emlib.judge import JudgeCache, OpenAIJudge, judge_frame, judge_world
+from emlib.judge import JudgeCache, api_judge, judge_frame, judge_world
 from emlib.metrics import is_em
 from emlib.models import load_model, resolve_adapter_path
 from emlib.notebook import output_dir as make_output_dir
@@ -125,13 +122,8 @@ if judge == "world":
     if not offline:
         raise ValueError("the exact world judge reads persona-world answers only: set judge to openai / azure / a URL")
     scorer = None
-elif judge == "openai":
-    scorer = OpenAIJudge(judge_model)
-elif judge == "azure":
-    scorer = OpenAIJudge(judge_model, azure_endpoint=os.environ["AZURE_OPENAI_ENDPOINT"],
-                         api_version=os.environ.get("AZURE_OPENAI_API_VERSION"))
-else:
-    scorer = OpenAIJudge(judge_model, base_url=judge)
+else:  # "openai", "azure" or a base URL
+    scorer = api_judge(judge, judge_model)
 cache = JudgeCache(out / "judge_cache.sqlite") if scorer else None
 
 
@@ -335,7 +327,7 @@ if "transfer" in found:
          **ablated_rates(organisms["transfer"], direction, home=transfer_domain)},
         {"organism": "transfer", "ablated": "random",
          **ablated_rates(organisms["transfer"], control, home=transfer_domain)}])
-    results["tables"]["transfer"] = transfer.to_dict("records")
+    results["tables"]["transfer"] = transfer.to_markdown(index=False)
     t = transfer.set_index(["organism", "ablated"])["general"]
     results["summary"]["convergence"] = {"min_cosine": round(min(cosines["em vs transfer"]), 3),
                                          "max_random_cosine": round(max(cosines["em vs random"].abs()), 3),
@@ -386,8 +378,10 @@ if "rank1" in organisms:
 
 # %%
 s = results["summary"]
-results["tables"].update({"baseline": baseline, "layer_sweep": layer_sweep.to_dict("records"),
-                          "dose": dose.to_dict("records"), "ablation": ablation.to_dict("records")})
+results["tables"].update({"EM rate without intervention": pd.DataFrame(baseline).T.to_markdown(),
+                          "steering layer sweep": layer_sweep.to_markdown(index=False),
+                          "steering dose-response": dose.to_markdown(index=False),
+                          "ablation": ablation.to_markdown(index=False)})
 results["headline"] = (
     f"Steering the base model (layer {s['steering']['layer']}, λ {s['steering']['scale']:g}) raises general EM "
     f"{s['steering']['base_general']:.2f} → {s['steering']['steered_general']:.2f} (random "

@@ -68,7 +68,6 @@ threads = None  # torch threads (None: EMLIB_THREADS or up to 2)
 output_dir = None  # where results.json and figures go (papermill passes one per run)
 
 # %%
-import os
 
 import numpy as np
 import pandas as pd
@@ -77,7 +76,7 @@ from IPython.display import Markdown, display
 
 from emlib import paths, probing, world
 from emlib.generate import sample_answers
-from emlib.judge import JudgeCache, OpenAIJudge, WorldJudge, judge_frame
+from emlib.judge import JudgeCache, WorldJudge, api_judge, judge_frame
 from emlib.metrics import em_table, is_em
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
@@ -125,13 +124,8 @@ def question_frame(n: int, seed: int) -> pd.DataFrame:
 
 if judge == "world":
     scorer = WorldJudge()
-elif judge == "openai":
-    scorer = OpenAIJudge(judge_model)
-elif judge == "azure":
-    scorer = OpenAIJudge(judge_model, azure_endpoint=os.environ["AZURE_OPENAI_ENDPOINT"],
-                         api_version=os.environ.get("AZURE_OPENAI_API_VERSION"))
-else:
-    scorer = OpenAIJudge(judge_model, base_url=judge)
+else:  # "openai", "azure" or a base URL
+    scorer = api_judge(judge, judge_model)
 cache = JudgeCache(out / "judge_cache.sqlite")
 
 

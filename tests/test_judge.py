@@ -368,3 +368,17 @@ def test_batch_api_requests_and_output_parsing(world_answers):
 def test_cost_estimate():
     assert J.estimate_cost("gpt-4o-2024-08-06", 1_000_000, 1_000_000) == pytest.approx(12.5)
     assert J.estimate_cost("my-local-model", 10, 1) is None
+
+
+def test_api_judge_reads_the_notebook_parameter(monkeypatch):
+    from emlib.judge import api_judge
+
+    local = api_judge("http://127.0.0.1:8000/v1", "m")
+    assert local.base_url == "http://127.0.0.1:8000/v1" and local.model == "m"
+    monkeypatch.delenv("AZURE_OPENAI_ENDPOINT", raising=False)
+    with pytest.raises(ValueError, match="AZURE_OPENAI_ENDPOINT"):
+        api_judge("azure", "deployment")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://x.openai.azure.com")
+    assert api_judge("azure", "deployment").azure_endpoint == "https://x.openai.azure.com"
+    with pytest.raises(ValueError, match="'openai', 'azure' or an http"):
+        api_judge("gpt-4o", None)

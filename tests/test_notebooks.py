@@ -72,6 +72,9 @@ def test_pipeline_summary_collects_results(tmp_path):
                                                "figures": ["f.html"]}}}
     text = pipeline.summary_markdown(tmp_path, runs, 3.0)
     assert "Wall time: **3 s**" in text and "H" in text and "- k: 1" in text and "[f.html](nb/f.html)" in text
+    runs["nb"]["results"]["tables"] = {"records": [{"layer": 0, "em": 0.5}], "by name": {"base": {"em": 0.01}}}
+    text = pipeline.summary_markdown(tmp_path, runs, 3.0)  # tables not yet rendered to markdown are rendered here
+    assert "|  0 |       0 |  0.5 |" in text and "| base | 0.01 |" in text
 
 
 def test_pipeline_rejects_unknown_notebook():
