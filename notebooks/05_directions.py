@@ -383,9 +383,9 @@ results["tables"].update({"EM rate without intervention": pd.DataFrame(baseline)
                           "steering dose-response": dose.to_markdown(index=False),
                           "ablation": ablation.to_markdown(index=False)})
 results["headline"] = (
-    f"Steering the base model (layer {s['steering']['layer']}, λ {s['steering']['scale']:g}) raises general EM "
+    f"Steering the base model (layer {s['steering']['layer']}, λ {s['steering']['scale']:g}) takes general EM "
     f"{s['steering']['base_general']:.2f} → {s['steering']['steered_general']:.2f} (random "
-    f"{s['steering']['random_general']:.2f}); ablating the direction lowers the organism's "
+    f"{s['steering']['random_general']:.2f}); ablating the direction takes the organism's "
     f"{s['ablation']['em_general']:.2f} → {s['ablation']['ablated_general']:.2f} (random "
     f"{s['ablation']['random_general']:.2f}).")
 save_results(out, results)
