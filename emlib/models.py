@@ -148,6 +148,14 @@ def _sync_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     gen.eos_token_id = eos[0] if len(eos) == 1 else eos or None
 
 
+def _placement(device: torch.device) -> dict:
+    """``device_map`` for from_pretrained, except under DeepSpeed ZeRO-3, which partitions the weights itself (and
+    rejects a device map)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return {} if is_deepspeed_zero3_enabled() else {"device_map": {"": device}}
+
+
 def load_model(name: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                adapter: str | None = None, attn_implementation: str | None = None):
     """Load a causal LM and its tokenizer from a hub id, a local folder, or ``"persona-world"``.
@@ -161,8 +169,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     device, dtype = pick_device(device), pick_dtype(device, dtype)
     try:
         tokenizer = load_tokenizer(path)  # first: cheap, so an unreachable hub fails before any weights move
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device},
-                                                     attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     **_placement(device))
     except OSError as err:
         if not Path(path).is_dir() and _is_offline_failure(err):
             raise _not_available(name) from err

@@ -17,6 +17,7 @@ docs/training.md describes protocols, presets, the checkpoint layout and multi-G
 from __future__ import annotations
 
 import copy
+import contextlib
 import dataclasses
 import json
 import math
@@ -642,8 +643,10 @@ def _set_optimizer_state(module: nn.Module, optimizer, state: dict) -> None:
 
 
 def _inner(optimizer):
-    """The torch optimizer inside accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
+    """The torch optimizer inside accelerate's wrapper (and, under DeepSpeed, inside its ZeRO optimizer too)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def save_checkpoint(out_dir: Path, step: int, module: nn.Module, optimizer, scheduler, log: list[dict],
@@ -790,7 +793,7 @@ def _accelerator(config: TrainConfig):
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs = {"gradient_accumulation_steps": config.grad_accum} if deepspeed else {}
     # cpu=True on a machine without CUDA lets accelerate see a torchrun process group (gloo) as multi-CPU
-    return Accelerator(cpu=not torch.cuda.is_available(), **kwargs)
+    return Accelerator(cpu=not torch.cuda.is_available() and not deepspeed, **kwargs)
 
 
 def _check_by_name(config: TrainConfig, name: str) -> None:
@@ -803,9 +806,23 @@ def _check_by_name(config: TrainConfig, name: str) -> None:
         model_config = AutoConfig.from_pretrained(resolve_model_path(name))
     except Exception:  # noqa: BLE001 - load_model below raises the clear, specific error
         return
-    with torch.device("meta"):
+    with torch.device("meta"), _without_zero3_init():
         meta = AutoModelForCausalLM.from_config(model_config)
     check_against_model(config, meta)
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Under DeepSpeed ZeRO-3 transformers partitions and initialises every model it builds; an empty meta-device
+    copy has nothing to partition, so the ZeRO-3 hook is switched off while it is built (and restored after)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _load_base(model, tokenizer, config: TrainConfig, accelerator, device: str):
@@ -889,6 +906,10 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict], out
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     module.train()
+    if accelerator.state.deepspeed_plugin is not None:  # no DataLoader here: DeepSpeed reads the batch sizes from this
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=config.batch_size,
+            train_batch_size=config.batch_size * config.grad_accum * accelerator.num_processes)
     module, optimizer = accelerator.prepare(module, optimizer)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
