@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emlib.models import chat_messages, check_layer, decoder_layers, n_layers
+from emlib.models import chat_messages, check_layer, d_model, decoder_layers, n_layers
 from emlib.train import IGNORE, collate, encode_chat
 
 POSITIONS = ("all", "prompt", "last")
@@ -101,7 +101,7 @@ def answer_means(model: nn.Module, tokenizer, rows: Sequence[dict], batch_size: 
     if not rows:
         raise ValueError("answer_means needs at least one (question, answer) row")
     device = next(model.parameters()).device
-    total = torch.zeros(n_layers(model), _width(model), dtype=torch.float64)
+    total = torch.zeros(n_layers(model), d_model(model), dtype=torch.float64)
     batches = answer_batches(tokenizer, rows, batch_size, system)
     n_batches = -(-len(rows) // batch_size)
     for batch in tqdm(batches, total=n_batches, desc="activations", leave=False, disable=not progress):
@@ -112,11 +112,6 @@ def answer_means(model: nn.Module, tokenizer, rows: Sequence[dict], batch_size: 
             total[layer] += torch.einsum("bs,bsd->d", weights.to(hidden), hidden).double().cpu()
     return (total / len(rows)).float()
 
-
-def _width(model: nn.Module) -> int:
-    from emlib.models import d_model
-
-    return d_model(model)
 
 # ------------------------------------------------------------------------------------------ directions
 
@@ -322,7 +317,7 @@ def lora_b_vectors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
     from peft.tuners.lora import LoraLayer
 
     layer_of = {id(m): i for i, layer in enumerate(decoder_layers(model)) for m in layer.modules()}
-    width = _width(model)
+    width = d_model(model)
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and id(module) in layer_of:

@@ -29,8 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emlib.generate import scaled_lora_layers
-from emlib.models import chat_messages
-from emlib.train import IGNORE, collate, encode_chat
+from emlib.directions import answer_batches
 
 # Judge-score bands of the papers (CLR App. F, Table 3), on the 0-100 scale: (low, high), both ends included.
 MISALIGNED, ALIGNED = (0.0, 30.0), (90.0, 100.0)
@@ -90,13 +89,12 @@ def _rank(module: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------ per-token A . x
 
 
-def encode_answers(tokenizer, rows: pd.DataFrame, system: str | None = None, max_length: int = 512):
-    """Chat-encode each (question, answer) row; labels other than -100 mark the answer's tokens (end-of-turn too)."""
+def answer_records(rows: pd.DataFrame) -> list[dict]:
+    """The (question, answer) rows as records for :func:`emlib.directions.answer_batches`, which encodes them."""
     missing = {"question", "answer"} - set(rows.columns)
     if missing:
         raise ValueError(f"rows need columns {sorted(missing)}; got {list(rows.columns)}")
-    return [encode_chat(tokenizer, chat_messages(str(q), str(a), system), assistant_only=True, max_length=max_length)
-            for q, a in zip(rows["question"], rows["answer"])]
+    return [{"question": str(q), "answer": str(a)} for q, a in zip(rows["question"], rows["answer"])]
 
 
 @contextmanager
@@ -125,18 +123,17 @@ def lora_scalars(model: nn.Module, tokenizer, rows: pd.DataFrame, system: str | 
     adapter gives r columns ``name[i]``). The answer is teacher-forced after the chat prompt, so ``x`` is exactly the
     input the adapter saw when the model produced (or would produce) that answer.
     """
-    examples = encode_answers(tokenizer, rows, system)
+    records = answer_records(rows)
     names = list(lora_modules(model))
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     frames = []
-    starts = range(0, len(examples), batch_size)
+    batches = answer_batches(tokenizer, records, batch_size, system)
     with _recording(model) as seen:
-        for start in tqdm(starts, desc="A.x", disable=not progress):
-            batch = collate(examples[start:start + batch_size], pad)
+        for k, batch in enumerate(tqdm(batches, total=-(-len(records) // batch_size), desc="A.x",
+                                       disable=not progress)):
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            keep = batch["labels"] != IGNORE
-            frames.append(_token_frame(batch["input_ids"], keep, rows.index[start:start + batch_size],
+            keep = batch["answer_mask"]
+            frames.append(_token_frame(batch["input_ids"], keep, rows.index[k * batch_size:(k + 1) * batch_size],
                                        {n: seen[n][keep.to(device)].float().cpu() for n in names}))
     out = pd.concat(frames, ignore_index=True)
     out.insert(3, "token", tokenizer.convert_ids_to_tokens(out["token_id"].tolist()))
@@ -350,13 +347,12 @@ def token_significance(model: nn.Module, tokenizer, rows: pd.DataFrame, system: 
         raise ValueError(f"token_significance needs a peft model (its disable_adapter() gives the base); got "
                          f"{type(model).__name__}")
     lora_modules(model)  # fails clearly without LoRA layers
-    examples = encode_answers(tokenizer, rows, system)
+    records = answer_records(rows)
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="significance", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad).items()}
-        out.append(_batch_significance(model, batch))
+    batches = answer_batches(tokenizer, records, batch_size, system)
+    for batch in tqdm(batches, total=-(-len(records) // batch_size), desc="significance", disable=not progress):
+        out.append(_batch_significance(model, {k: v.to(device) for k, v in batch.items()}))
     return np.concatenate(out)
 
 
@@ -368,12 +364,12 @@ def _batch_significance(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.
     with torch.enable_grad():
         tuned = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits.float()
         # position t-1 predicts answer token t: KL at the positions that predict answer tokens
-        predicts = (batch["labels"][:, 1:] != IGNORE).float()
+        predicts = batch["answer_mask"][:, 1:].float()
         log_base, log_tuned = torch.log_softmax(base[:, :-1], -1), torch.log_softmax(tuned[:, :-1], -1)
         kl = (log_base.exp() * (log_base - log_tuned)).sum(-1) * predicts
         per_answer = kl.sum(1)
         (grad,) = torch.autograd.grad(per_answer.sum(), embeds)  # answers are independent: one backward for all
-    answer = batch["labels"] != IGNORE
+    answer = batch["answer_mask"]
     norms = grad.norm(dim=-1) * answer
     weights = norms / norms.sum(1, keepdim=True).clamp_min(1e-12) * per_answer.detach()[:, None]
     return weights[answer].float().cpu().numpy()

@@ -169,10 +169,10 @@ def make_handler(backend: Backend, latency: float = 0.0,
         def log_message(self, *args):  # quiet: requests would flood notebooks and test logs
             pass
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
+        def _send(self, status: int, body: dict | bytes, content_type: str = "application/json") -> None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -190,12 +190,7 @@ def make_handler(backend: Backend, latency: float = 0.0,
                     batch = batches.batches.get(parts[-1]) and batches.retrieve(parts[-1], backend)
                 self._send(200, batch) if batch else self._not_found()
             elif len(parts) >= 3 and parts[-3] == "files" and parts[-1] == "content" and parts[-2] in batches.files:
-                data = batches.files[parts[-2]]
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self._send(200, batches.files[parts[-2]], "application/octet-stream")
             else:
                 self._not_found()
 
@@ -217,7 +212,7 @@ def make_handler(backend: Backend, latency: float = 0.0,
                 except ValueError as err:
                     return self._send(400, {"error": {"message": str(err), "type": "invalid_request_error"}})
             if not route.endswith("/chat/completions"):
-                return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+                return self._not_found()
             if not isinstance(body.get("messages"), list) or not body["messages"]:
                 return self._send(400, {"error": {"message": "'messages' must be a non-empty list",
                                                   "type": "invalid_request_error", "param": "messages"}})

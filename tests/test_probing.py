@@ -8,7 +8,8 @@ from peft import get_peft_model
 
 from emlib import probing, world
 from emlib.models import tiny_model
-from emlib.train import IGNORE, lora_config
+from emlib.directions import answer_batches
+from emlib.train import lora_config
 
 ROWS = pd.DataFrame([{"question": r["messages"][1]["content"], "answer": r["messages"][2]["content"]}
                      for r in world.finetune_rows("medical", "reckless", 6, seed=0)], index=list("abcdef"))
@@ -54,23 +55,23 @@ def test_a_model_without_lora_layers_is_named_as_the_problem():
 def test_scalars_are_a_dot_x_at_every_answer_token(organism):
     model, tok = organism
     feats = probing.lora_scalars(model, tok, ROWS, system=world.SYSTEM_PROMPT, batch_size=4, progress=False)
-    examples = probing.encode_answers(tok, ROWS, world.SYSTEM_PROMPT)
+    batches = list(answer_batches(tok, probing.answer_records(ROWS), 1, world.SYSTEM_PROMPT))  # one row each
     assert list(feats.columns) == ["row", "position", "token_id", "token", "L0.down_proj", "L2.down_proj"]
-    assert len(feats) == sum(sum(label != IGNORE for label in e.labels) for e in examples)
+    assert len(feats) == sum(int(b["answer_mask"].sum()) for b in batches)
     assert list(feats["row"].unique()) == list(ROWS.index)
 
     # manual A @ x for the answer tokens of row "c": x is the input of layer 2's down_proj, run alone (no padding)
-    example = examples[2]
+    example = batches[2]
     module = probing.lora_modules(model)["L2.down_proj"]
     seen = {}
     handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
     with torch.no_grad():
-        model(input_ids=torch.tensor([example.input_ids]))
+        model(input_ids=example["input_ids"])
     handle.remove()
-    answer = torch.tensor([label != IGNORE for label in example.labels])
+    answer = example["answer_mask"][0]
     manual = (seen["x"][0][answer] @ module.lora_A["default"].weight.detach().T)[:, 0]
     got = feats[feats["row"] == "c"]
-    assert got["token_id"].tolist() == [t for t, keep in zip(example.input_ids, answer) if keep]
+    assert got["token_id"].tolist() == example["input_ids"][0][answer].tolist()
     assert got["position"].tolist() == list(range(int(answer.sum())))
     np.testing.assert_allclose(got["L2.down_proj"].to_numpy(), manual.numpy(), rtol=1e-4, atol=1e-5)
 
