@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	$(PY) -m emlib.pipeline
+	$(PY) -m emlib.run_notebooks
 
 test: setup
 	$(PY) -m pytest

@@ -3,7 +3,7 @@
     make bench                                     # = .venv/bin/python bench/run_all.py  (about 6-9 min on 2 cores)
     .venv/bin/python bench/run_all.py --quick      # seconds-long smoke settings (numbers not meaningful)
     .venv/bin/python bench/run_all.py --only judge activations
-    .venv/bin/python bench/run_all.py --pipeline   # also run the whole offline pipeline (python -m emlib.pipeline)
+    .venv/bin/python bench/run_all.py --pipeline   # also run the whole offline pipeline (python -m emlib.run_notebooks)
 
 Each benchmark still runs alone (bench/bench_*.py) and writes its own runs/bench/<name>.md/.csv with every contender
 and every round; this runs them one after another in one process and gathers one row per measure into
@@ -143,9 +143,9 @@ def latest_pipeline_wall_time(runs_dir: Path) -> tuple[float, Path, int] | None:
 
 def pipeline_rows(runs_dir: Path, run: bool) -> list[dict]:
     """Whole offline pipeline wall time: run now (``run``), else read from the latest run folder."""
-    what = "whole offline pipeline (python -m emlib.pipeline, every notebook)"
+    what = "whole offline pipeline (python -m emlib.run_notebooks, every notebook)"
     if run:  # into runs/<timestamp>/ like `make run`, so later benchmark runs read it back
-        subprocess.run([sys.executable, "-m", "emlib.pipeline"], check=True, cwd=paths.REPO_ROOT)
+        subprocess.run([sys.executable, "-m", "emlib.run_notebooks"], check=True, cwd=paths.REPO_ROOT)
     found = latest_pipeline_wall_time(runs_dir)
     if found is None:
         return [row(what, None, None, "s wall", "not measured: no runs/*/summary.md; `make run` or --pipeline")]

@@ -30,7 +30,7 @@
 #     -p max_new_tokens 200
 # ```
 #
-# (`python -m emlib.pipeline -p model ... --only 00_quickstart` does the same into a fresh run folder.)
+# (`python -m emlib.run_notebooks -p model ... --only 00_quickstart` does the same into a fresh run folder.)
 
 # %% tags=["parameters"]
 model = "persona-world"  # a Hugging Face id, a local folder, or "persona-world" (offline organism)

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from emlib import paths, pipeline  # noqa: E402
+from emlib import paths, run_notebooks  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("EMLIB_THREADS", min(2, os.cpu_count() or 1))))
 
@@ -29,9 +29,9 @@ def executed(notebook_run_dir):
 
     def run(name: str) -> dict:
         if name not in cache:
-            src = pipeline.NOTEBOOK_DIR / f"{name}.ipynb"
+            src = run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb"
             try:
-                cache[name] = pipeline.run_notebook(src, notebook_run_dir)
+                cache[name] = run_notebooks.run_notebook(src, notebook_run_dir)
             except Exception as err:  # papermill's error names the failing cell and its exception
                 cache[name] = {"error": f"{name}.ipynb failed: {err}"}
         if "error" in cache[name]:

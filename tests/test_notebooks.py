@@ -9,9 +9,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emlib import pipeline
+from emlib import run_notebooks
 
-NOTEBOOKS = pipeline.notebooks()
+NOTEBOOKS = run_notebooks.notebooks()
 NAMES = [nb.stem for nb in NOTEBOOKS]
 
 
@@ -67,16 +67,16 @@ def test_persona_world_shows_emergent_misalignment(executed):
     assert "rank-1" in res["headline"]
 
 
-def test_pipeline_summary_collects_results(tmp_path):
+def test_run_summary_collects_results(tmp_path):
     runs = {"nb": {"seconds": 3.0, "results": {"headline": "H", "summary": {"k": 1}, "tables": {"T": "|a|"},
                                                "figures": ["f.html"]}}}
-    text = pipeline.summary_markdown(tmp_path, runs, 3.0)
+    text = run_notebooks.summary_markdown(tmp_path, runs, 3.0)
     assert "Wall time: **3 s**" in text and "H" in text and "- k: 1" in text and "[f.html](nb/f.html)" in text
     runs["nb"]["results"]["tables"] = {"records": [{"layer": 0, "em": 0.5}], "by name": {"base": {"em": 0.01}}}
-    text = pipeline.summary_markdown(tmp_path, runs, 3.0)  # tables not yet rendered to markdown are rendered here
+    text = run_notebooks.summary_markdown(tmp_path, runs, 3.0)  # tables not yet rendered to markdown are rendered here
     assert "|  0 |       0 |  0.5 |" in text and "| base | 0.01 |" in text
 
 
-def test_pipeline_rejects_unknown_notebook():
+def test_run_notebooks_rejects_unknown_notebook():
     with pytest.raises(SystemExit, match="no such notebook"):
-        pipeline.notebooks(["99_nope"])
+        run_notebooks.notebooks(["99_nope"])

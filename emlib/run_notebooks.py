@@ -1,7 +1,7 @@
 """The main job: execute the notebooks with papermill into a run folder and write a summary of their key numbers.
 
-    python -m emlib.pipeline                      # offline default, every notebook, into runs/<timestamp>/
-    python -m emlib.pipeline -p model Qwen/Qwen2.5-0.5B-Instruct --only 00_quickstart
+    python -m emlib.run_notebooks                      # offline default, every notebook, into runs/<timestamp>/
+    python -m emlib.run_notebooks -p model Qwen/Qwen2.5-0.5B-Instruct --only 00_quickstart
 
 Each notebook gets ``output_dir`` (its own folder in the run) and writes ``results.json`` there; ``summary.md`` gathers
 their ``summary`` numbers and tables with links to the executed notebooks and figures.
@@ -79,7 +79,7 @@ def summary_markdown(run_dir: Path, runs: dict[str, dict], total_seconds: float)
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m emlib.pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m emlib.run_notebooks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter for every notebook (value parsed as JSON when it can be)")
