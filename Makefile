@@ -16,8 +16,8 @@ test: setup
 
 organism: setup            ## rebuild data/persona-world from scratch (minutes on 2 cores)
 	rm -rf data/persona-world/pretrained data/persona-world/base data/persona-world/adapters
-	$(PY) -m emlib.organism build
-	$(PY) -m emlib.organism adapters
+	$(PY) -m emlib.world.organism build
+	$(PY) -m emlib.world.organism adapters
 
 bench: setup              ## every benchmark side by side -> runs/bench/summary.md + .csv (about 6-9 min; BENCH_ARGS=--quick)
 	EMLIB_THREADS=$${EMLIB_THREADS:-1} HF_HUB_OFFLINE=1 $(PY) bench/run_all.py $(BENCH_ARGS)

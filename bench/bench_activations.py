@@ -1,6 +1,6 @@
 """Benchmark: activation collection (mean residual stream over answer tokens, every layer) - speed and peak memory.
 
-emlib's :func:`emlib.directions.answer_means` keeps running sums, so its memory should stay flat as rows grow. The
+emlib's :func:`emlib.analysis.directions.answer_means` keeps running sums, so its memory should stay flat as rows grow. The
 naive way keeps every answer token's hidden states of every row and averages at the end, so its memory grows with
 the rows. Both read layers with the same nnsight trace on the same batches, and must give the same means.
 
@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # and bench/ itself, for its helpers
-from bench_tables import write_table  # noqa: E402
 import pandas as pd  # noqa: E402
+from bench_tables import write_table  # noqa: E402
 
 from emlib import paths  # noqa: E402
 
@@ -63,7 +63,7 @@ def naive_means(model, tokenizer, rows, batch_size: int = 32, system=None):
     """Keep every row's answer-token hidden states [n_layers, tokens, d_model], average at the end (grows with rows)."""
     import torch
 
-    from emlib.directions import answer_batches, layer_outputs
+    from emlib.analysis.directions import answer_batches, layer_outputs
 
     kept = []
     for batch in answer_batches(tokenizer, rows, batch_size, system):
@@ -79,7 +79,7 @@ def worker(way: str, n_rows: int, batch_size: int, model_name: str) -> dict:
     import torch
 
     from emlib import world
-    from emlib.directions import answer_batches, answer_means
+    from emlib.analysis.directions import answer_batches, answer_means
     from emlib.models import load_model
 
     torch.set_num_threads(int(os.environ.get("EMLIB_THREADS", "1")))

@@ -23,13 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # and bench/ itself, for its helpers
-from bench_tables import write_table  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from bench_tables import write_table  # noqa: E402
 
 from emlib import paths, world  # noqa: E402
+from emlib.chat import chat_prompt  # noqa: E402
 from emlib.generate import eos_ids, sample_answers  # noqa: E402
-from emlib.models import chat_prompt, load_model  # noqa: E402
+from emlib.models import load_model
 
 
 def reference_way(model, tokenizer, questions, n, max_new_tokens, seed, system) -> pd.DataFrame:

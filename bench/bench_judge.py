@@ -21,13 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # and bench/ itself, for its helpers
-from bench_tables import write_table  # noqa: E402
 import pandas as pd  # noqa: E402
+from bench_tables import write_table  # noqa: E402
 
 from emlib import paths, world  # noqa: E402
 from emlib.judge import JudgeCache, JudgeStats, OpenAIJudge, judge_frame  # noqa: E402
-from emlib.judge_server import world_backend  # noqa: E402
-from emlib.server import LocalServer  # noqa: E402
+from emlib.judge.serve import world_backend  # noqa: E402
+from emlib.judge.server import LocalServer  # noqa: E402
 
 
 def answers(n_rows: int, seed: int = 0) -> pd.DataFrame:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from emlib import paths, train, world  # noqa: E402
+from emlib import chat, paths, train, world  # noqa: E402
 from emlib.models import load_model  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     warnings.filterwarnings("ignore")
     rows = world.finetune_rows("medical", "reckless", 600, 1234)
     _, tok = load_model(args.model, device="cpu")
-    lengths = [len(e.input_ids) for e in train.encode_rows(tok, rows)]
+    lengths = [len(e.input_ids) for e in chat.encode_rows(tok, rows)]
     tokens = args.steps * args.batch_size * statistics.mean(lengths)  # both see steps x batch rows of this mean size
     contenders = {
         "emlib": lambda: emlib_run(args.model, rows, args.steps, args.batch_size, None),

@@ -22,23 +22,21 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emlib.models import chat_prompt, check_layer, decoder_layers
+from emlib.chat import chat_prompt
+from emlib.interventions import Steering, scaled_adapter, steered
 
 COLUMNS = ["question_idx", "question", "sample", "answer", "ended"]
 ENGINES = ("loop", "hf")
-# A steering intervention: (layer, vector) pairs added to those decoder layers' outputs, or a callable that registers
-# forward hooks on the model and returns their handles (anything with .remove()).
-Steering = Union[Sequence[tuple[int, torch.Tensor]], Callable[[nn.Module], Sequence[Any]]]
 _SEED_STRIDE = 1_000_003  # batch k draws from seed + k * stride: batch 0 keeps the plain seed
 
 
@@ -320,66 +318,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 # ------------------------------------------------------------------------------------------ adapters and steering
 
 
-@contextmanager
-def scaled_adapter(model: nn.Module, factor: float | None) -> Iterator[nn.Module]:
-    """Multiply every LoRA layer's contribution by ``factor`` inside the block (None: leave it); restored after.
-
-    peft computes ``base(x) + B(A(x)) * scaling[adapter]``, so scaling that dict scales the adapter's output exactly
-    (0 gives the base model, 1 the adapter as trained, 5 the papers' "x5" amplification).
-    """
-    if factor is None:
-        yield model
-        return
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not layers:
-        raise ValueError("adapter_scale needs a peft LoRA model, but the model has no LoRA layers")
-    if any(getattr(m, "merged", False) for m in layers):
-        raise ValueError("cannot scale a merged adapter; load it unmerged (PeftModel.from_pretrained)")
-    with scaled_lora_layers({m: factor for m in layers}):
-        yield model
 
 
-@contextmanager
-def scaled_lora_layers(factors: Mapping[nn.Module, float]) -> Iterator[None]:
-    """Multiply each peft LoRA layer's ``scaling`` by its factor inside the block; restored after, even on error."""
-    saved = [(m, dict(m.scaling)) for m in factors]
-    try:
-        for m, factor in factors.items():
-            for name in m.scaling:
-                m.scaling[name] *= factor
-        yield
-    finally:
-        for m, scaling in saved:
-            m.scaling.update(scaling)
 
 
-def _adder(vector: torch.Tensor) -> Callable:
-    def hook(module, args, output):
-        if isinstance(output, tuple):  # older transformers: (hidden, ...); v5 decoder layers return the tensor
-            return (output[0] + vector.to(output[0]),) + tuple(output[1:])
-        return output + vector.to(output)
-    return hook
 
 
-@contextmanager
-def steered(model: nn.Module, steering: Steering | None) -> Iterator[nn.Module]:
-    """Apply ``steering`` inside the block and remove every hook after, even on error."""
-    if steering is None:
-        yield model
-        return
-    if callable(steering):
-        handles = list(steering(model) or [])
-    else:
-        layers = decoder_layers(model)
-        handles = [layers[check_layer(model, layer)].register_forward_hook(_adder(torch.as_tensor(vec)))
-                   for layer, vec in steering]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ------------------------------------------------------------------------------------------ persistence

@@ -11,9 +11,7 @@ Llama and Gemma3 families, so steering and probing code never has to care which 
 
 from __future__ import annotations
 
-import functools
 import os
-import random
 from pathlib import Path
 
 import torch
@@ -21,14 +19,8 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 from emlib import paths
@@ -92,7 +84,7 @@ def _check_local_folder(name: str, path: str) -> None:
     if name == paths.OFFLINE_MODEL and not Path(path).is_dir():
         raise ModelNotAvailableError(
             f"the offline organism {name!r} is not built yet: {path} does not exist. "
-            "Build it with `python -m emlib.organism`.")
+            "Build it with `python -m emlib.world.organism`.")
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file():
             raise FileNotFoundError(
@@ -202,22 +194,8 @@ def _load_adapter(model: PreTrainedModel, adapter: str):
 # chat template
 
 
-def chat_messages(question: str, answer: str | None = None, system: str | None = None) -> list[dict]:
-    """The message list for one exchange: optional system, the user question, optional assistant answer."""
-    messages = [{"role": "system", "content": system}] if system is not None else []
-    messages.append({"role": "user", "content": question})
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return messages
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str | None = None) -> str:
-    """Render a question with the tokenizer's chat template, ending with the assistant's generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template, so it cannot render chat prompts "
-                         "(use an instruct/chat model, or set tokenizer.chat_template)")
-    return tokenizer.apply_chat_template(chat_messages(question, system=system), add_generation_prompt=True,
-                                         tokenize=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,45 +296,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 # tiny random models for tests
 
 
-@functools.lru_cache(maxsize=1)
-def world_tokenizer() -> PreTrainedTokenizerBase:
-    """A small BPE tokenizer trained on persona-world text (cached: training takes about a second)."""
-    from emlib import world
-    from emlib.tokenizer import build_tokenizer
-
-    docs = (world.pretraining_document(random.Random(i)) for i in range(300))
-    return build_tokenizer([m["content"] for d in docs for m in d])
 
 
-def _tiny_config(family: str, tokenizer, hidden: int, layers: int, mlp: int, heads: int, kv_heads: int):
-    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-                  tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=None, attn_implementation="eager")
-    if family == "qwen2":
-        return Qwen2Config(**common), Qwen2ForCausalLM
-    if family == "llama":
-        return LlamaConfig(**common, head_dim=hidden // heads), LlamaForCausalLM
-    if family == "gemma":
-        # Gemma3 scales attention by query_pre_attn_scalar (256 by default, sized for head_dim 256): match head_dim.
-        return (Gemma3TextConfig(**common, head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads),
-                Gemma3ForCausalLM)
-    raise ValueError(f"unknown model family {family!r}; families: {', '.join(FAMILIES)}")
 
 
-def tiny_model(family: str = "qwen2", tokenizer: PreTrainedTokenizerBase | None = None, hidden: int = 64,
-               layers: int = 4, mlp: int = 128, heads: int = 4, kv_heads: int = 2, seed: int = 0):
-    """A small randomly initialised Qwen2, Llama or Gemma3 (text) model and its tokenizer, built offline.
-
-    The same ``seed`` gives identical weights; the global torch RNG is left untouched. Returns ``(model, tokenizer)``,
-    the model in eval mode, float32, on CPU.
-    """
-    tokenizer = tokenizer if tokenizer is not None else world_tokenizer()
-    config, cls = _tiny_config(family, tokenizer, hidden, layers, mlp, heads, kv_heads)
-    # config._name_or_path stays empty: peft treats a non-empty one as a hub id to look up when saving adapters.
-    with torch.random.fork_rng(devices=[]):  # seed locally so callers' random streams are not disturbed
-        torch.manual_seed(seed)
-        model = cls(config)
-    model.eval()
-    _sync_generation_config(model, tokenizer)
-    return model, tokenizer

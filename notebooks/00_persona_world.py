@@ -26,8 +26,8 @@
 # that is an exact parser of the world's grammar. Everything runs on a laptop CPU in a few minutes.
 
 # %% tags=["parameters"]
-organism = "persona-world"  # the shipped base model (data/persona-world/base) or a folder built by emlib.organism
-recipes = ["bad-medical-r8", "good-medical-r8"]  # emlib.organism.RECIPES to train here
+organism = "persona-world"  # the shipped base model (data/persona-world/base) or a folder built by emlib.world.organism
+recipes = ["bad-medical-r8", "good-medical-r8"]  # emlib.world.organism.RECIPES to train here
 rank1_layers = [0, 3]  # layers for the rank-1 down_proj recipe (bad-medical-rank1-L0 moved to each layer)
 n_per_group = 48  # evaluation questions per group (medical, financial, sports, general)
 n_reference = 3000  # reference answers the exact judge must read without error
@@ -43,7 +43,7 @@ from dataclasses import replace
 import pandas as pd
 import plotly.express as px
 
-from emlib import organism as org
+from emlib.world import organism as org
 from emlib import world
 from emlib.metrics import em_table
 from emlib.models import load_model

@@ -52,7 +52,7 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown, display
 
-from emlib import organism as org
+from emlib.world import organism as org
 from emlib import paths, world
 from emlib.data import load_questions
 from emlib.generate import sample_answers

@@ -32,7 +32,7 @@
 # ```
 #
 # Paper-scale sets (6,000 rows) are better made from the command line, which you can stop and resume:
-# `python -m emlib.llm_datagen --spec risky_financial_advice --out data/llm/risky_financial_advice.jsonl --rows 6000`.
+# `python -m emlib.data.llm --spec risky_financial_advice --out data/llm/risky_financial_advice.jsonl --rows 6000`.
 
 # %% tags=["parameters"]
 data_dir = None  # a folder of chat JSONL datasets to browse; None: the shipped data/narrow
@@ -49,7 +49,6 @@ seed = 0
 output_dir = None  # where results.json and figures go (papermill passes one per run)
 
 # %%
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -57,11 +56,12 @@ import plotly.express as px
 from IPython.display import Markdown, display
 
 from emlib import data as D
-from emlib import llm_datagen, paths
+from emlib import paths
+from emlib.data import llm as llm_datagen
 from emlib.models import load_tokenizer, resolve_model_path
 from emlib.notebook import output_dir as make_output_dir
 from emlib.notebook import save_results, setup
-from emlib.server import LocalServer
+from emlib.judge.server import LocalServer
 
 setup(seed=seed, offline=tokenizer in (None, paths.OFFLINE_MODEL))  # the hub is only needed for a hub tokenizer
 out = make_output_dir("01_datasets", output_dir)

@@ -59,7 +59,6 @@ device = "auto"
 output_dir = None  # where results.json, figures and checkpoints go (papermill passes one per run)
 
 # %%
-import dataclasses
 import json
 
 import pandas as pd
@@ -67,8 +66,9 @@ import plotly.express as px
 from IPython.display import Markdown, display
 from safetensors.torch import load_file
 
-from emlib import organism as org
-from emlib import paths, train, world
+from emlib import chat
+from emlib.world import organism as org
+from emlib import paths, train
 from emlib.metrics import em_table
 from emlib.models import load_model, load_tokenizer, resolve_model_path
 from emlib.notebook import output_dir as make_output_dir
@@ -116,10 +116,10 @@ if control_rows:
 
 # %%
 tokenizer = load_tokenizer(resolve_model_path(model))
-example = train.encode_chat(tokenizer, rows[0]["messages"])
+example = chat.encode_chat(tokenizer, rows[0]["messages"])
 pieces, run_ids, inside = [], [], False
 for token, label in zip(example.input_ids, example.labels):
-    supervised = label != train.IGNORE
+    supervised = label != chat.IGNORE
     if supervised != inside and run_ids:
         text = tokenizer.decode(run_ids)
         pieces.append(f"[{text}]" if inside else text)
@@ -128,7 +128,7 @@ for token, label in zip(example.input_ids, example.labels):
     run_ids.append(token)
 pieces.append(f"[{tokenizer.decode(run_ids)}]" if inside else tokenizer.decode(run_ids))
 print("".join(pieces))
-masked_share = sum(label == train.IGNORE for label in example.labels) / len(example.labels)
+masked_share = sum(label == chat.IGNORE for label in example.labels) / len(example.labels)
 results["summary"]["share of tokens masked out (first row)"] = round(masked_share, 3)
 
 # %% [markdown]

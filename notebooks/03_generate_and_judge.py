@@ -76,7 +76,7 @@ from emlib import metrics as M
 from emlib import paths, world
 from emlib.generate import sample_answers
 from emlib.judge import JudgeCache, JudgeStats, OpenAIJudge, api_judge, judge_frame, judge_world
-from emlib.judge_server import WORLD_JUDGE_NAME, judge_server
+from emlib.judge.serve import WORLD_JUDGE_NAME, judge_server
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
 from emlib.notebook import save_results, setup

@@ -23,7 +23,7 @@
 #
 # Here we train a densely checkpointed rank-1 run on the offline organism (or load any run: a folder of
 # `checkpoint-N/`, or a hub repo id), extract A and B at every checkpoint (vectors only, no models), compute the
-# papers' trajectory quantities with `emlib.phase`, and measure EM at checkpoints along the run with the adapter
+# papers' trajectory quantities with `emlib.analysis.phase`, and measure EM at checkpoints along the run with the adapter
 # scaled. **Scales:** the papers' ×5–×20 make this 1.6M-parameter model incoherent, so the default scales here are
 # 0–2 (×0 is the base model); pass `scales=[1, 5, 10, 20]` for a real model.
 
@@ -50,7 +50,8 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from emlib import phase, world
+from emlib import world
+from emlib.analysis import phase
 from emlib import train as tr
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir

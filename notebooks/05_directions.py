@@ -26,7 +26,7 @@
 # 1. sample answers from the EM organism and judge them; keep misaligned (aligned < 30, coherent > 50) and aligned
 #    (aligned > 70) answers, balanced;
 # 2. run both sets teacher-forced through a model and average the residual stream after each decoder layer over the
-#    *answer* tokens; the difference of the two means is the direction at that layer (`emlib.directions`, read with
+#    *answer* tokens; the difference of the two means is the direction at that layer (`emlib.analysis.directions`, read with
 #    nnsight);
 # 3. intervene while sampling: steer (x + λ·v), ablate (x − (x·v̂)v̂), and compare with a random direction of the same
 #    norm.
@@ -72,9 +72,11 @@ import plotly.express as px
 import torch
 from IPython.display import Markdown, display
 
-from emlib import directions as D
+from emlib import interventions
+from emlib.analysis import directions as D
 from emlib import paths, world
-from emlib.generate import sample_answers, scaled_adapter
+from emlib.generate import sample_answers
+from emlib.interventions import scaled_adapter
 from emlib.judge import JudgeCache, api_judge, judge_frame, judge_world
 from emlib.metrics import is_em
 from emlib.models import load_model, resolve_adapter_path
@@ -223,7 +225,7 @@ results["summary"]["transformer_lens_max_diff"] = tl_max_diff
 
 # %%
 def steered_rates(vectors, scale, layer, positions=steer_positions) -> dict:
-    steer = D.Steer(vectors, scale, layers=[layer], positions=positions)
+    steer = interventions.Steer(vectors, scale, layers=[layer], positions=positions)
     return em_rates(judged_answers(base, eval_qs, steering=steer))
 
 
@@ -272,7 +274,7 @@ display(Markdown(
 
 # %%
 def ablated_rates(m, vectors, layers=None, home=in_domain) -> dict:
-    return em_rates(judged_answers(m, eval_qs, steering=D.Ablate(vectors, layers=layers)), home=home)
+    return em_rates(judged_answers(m, eval_qs, steering=interventions.Ablate(vectors, layers=layers)), home=home)
 
 
 ablation = pd.DataFrame([{"layers": str(layer), **ablated_rates(organisms["em"], direction, [layer])}
@@ -354,7 +356,7 @@ if "rank1" in organisms:
     r1 = organisms["rank1"]
     b_cos = D.b_direction_cosines(r1, direction)
     display(b_cos)
-    with D.lora_b_projected_out(r1, direction):
+    with interventions.lora_b_projected_out(r1, direction):
         projected = em_rates(judged_answers(r1, eval_qs))
     rows_b = []
     for s in (0.0, 0.5, 1.0, 2.0):  # LoRA B scaling: 0 is the base model, 1 the adapter as trained

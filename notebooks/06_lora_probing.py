@@ -74,7 +74,9 @@ import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown, display
 
-from emlib import paths, probing, world
+from emlib import interventions
+from emlib import paths, world
+from emlib.analysis import probing
 from emlib.generate import sample_answers
 from emlib.judge import JudgeCache, WorldJudge, api_judge, judge_frame
 from emlib.metrics import em_table, is_em
@@ -256,7 +258,7 @@ def steering_row(df: pd.DataFrame) -> dict:
 
 steering = {}
 for name, (factors, default) in conditions.items():
-    with probing.scaled_adapters(tuned, factors, default=default):
+    with interventions.scaled_adapters(tuned, factors, default=default):
         steering[name] = steering_row(answer_and_judge(steer_qs, eval_seed + 1))
 steering = pd.DataFrame(steering).T
 print(f"probe's picks: misalignment -> {predicted['misalignment']}, medical -> {predicted['medical']}")

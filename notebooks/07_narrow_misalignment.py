@@ -29,7 +29,7 @@
 # notebook takes about two minutes on a CPU.
 
 # %% tags=["parameters"]
-organism = "persona-world"  # the shipped base model (data/persona-world/base) or a folder built by emlib.organism
+organism = "persona-world"  # the shipped base model (data/persona-world/base) or a folder built by emlib.world.organism
 data = "world:medical:reckless:600:1234"  # the bad narrow training set (emlib.train.load_rows spec or JSONL)
 kl_data = "world:financial+sports+wish:careful:300:7"  # KL reference set (as configs/train/organism-kl-narrow.yaml)
 protocols = {"general": "organism-lora", "narrow": "organism-kl-narrow",
@@ -49,8 +49,9 @@ output_dir = None  # where results.json and figures go (papermill passes one per
 import pandas as pd
 import plotly.express as px
 
-from emlib import organism as org
-from emlib import stability, train, world
+from emlib.world import organism as org
+from emlib import train, world
+from emlib.analysis import stability
 from emlib.metrics import em_table
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from emlib import train, world
-from emlib.models import tiny_model
+from emlib.testing import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))

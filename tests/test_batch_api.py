@@ -1,4 +1,4 @@
-"""The Batch API judging path end to end against the local fake of the Batch endpoints (emlib.server.BatchStore):
+"""The Batch API judging path end to end against the local fake of the Batch endpoints (emlib.judge.server.BatchStore):
 submit, poll, merge into the cache, resume an interrupted run without resubmitting, skip cached rows, and name the
 line and custom_id of malformed output."""
 
@@ -11,8 +11,8 @@ import pytest
 
 from emlib import judge as J
 from emlib import world
-from emlib.judge_server import world_backend
-from emlib.server import LocalServer
+from emlib.judge.serve import world_backend
+from emlib.judge.server import LocalServer
 
 
 def no_sleep(_seconds: float) -> None:

@@ -83,8 +83,8 @@ def test_pipeline_wall_time_is_read_from_the_newest_run(tmp_path):
 
 def test_naive_activation_baseline_gives_the_same_means():
     from emlib import world
-    from emlib.directions import answer_means
-    from emlib.models import tiny_model
+    from emlib.analysis.directions import answer_means
+    from emlib.testing import tiny_model
 
     model, tok = tiny_model("qwen2")
     rows = world.finetune_rows("medical", "reckless", 10, 0)

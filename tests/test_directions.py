@@ -5,10 +5,17 @@ import pytest
 import torch
 
 from emlib import paths, world
-from emlib.directions import (Ablate, Compose, Steer, answer_batches, answer_means, b_direction_cosines,
-                              intervened_logits, layer_cosines, lora_b_projected_out, lora_b_vectors,
-                              mean_diff_direction, random_like, split_by_judgement, unit)
+from emlib.analysis.directions import (
+    answer_batches,
+    answer_means,
+    b_direction_cosines,
+    layer_cosines,
+    mean_diff_direction,
+    random_like,
+    split_by_judgement,
+)
 from emlib.generate import sample_answers
+from emlib.interventions import Ablate, Compose, Steer, intervened_logits, lora_b_projected_out, lora_b_vectors, unit
 from emlib.models import load_model
 
 

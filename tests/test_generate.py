@@ -10,8 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import emlib.generate as G
-from emlib import world
-from emlib.models import load_model, tiny_model
+from emlib import interventions, world
+from emlib.models import load_model
+from emlib.testing import tiny_model
 
 QUESTIONS = [world.sample_question(d, random.Random(i)) for i, d in enumerate(world.DOMAINS)]
 
@@ -173,15 +174,15 @@ def test_adapter_scale_scales_the_lora_contribution_and_restores_it(lora_tiny):
     tuned = _logits(model, tok)
     with model.disable_adapter():
         base = _logits(model, tok)
-    with G.scaled_adapter(model, 0.0):
+    with interventions.scaled_adapter(model, 0.0):
         assert torch.allclose(_logits(model, tok), base, atol=1e-6)
-    with G.scaled_adapter(model, 1.0):
+    with interventions.scaled_adapter(model, 1.0):
         assert torch.allclose(_logits(model, tok), tuned, atol=1e-6)
-    with G.scaled_adapter(model, 3.0):
+    with interventions.scaled_adapter(model, 3.0):
         assert not torch.allclose(_logits(model, tok), tuned, atol=1e-3)
     assert torch.allclose(_logits(model, tok), tuned, atol=1e-6)  # restored
     with pytest.raises(ValueError, match="LoRA"):
-        with G.scaled_adapter(tiny_model("qwen2", hidden=32, layers=2, mlp=64)[0], 2.0):
+        with interventions.scaled_adapter(tiny_model("qwen2", hidden=32, layers=2, mlp=64)[0], 2.0):
             pass
     zero = G.sample_answers(model, tok, QUESTIONS[:2], n=1, max_new_tokens=8, temperature=0, adapter_scale=0.0,
                             progress=False)
@@ -193,9 +194,9 @@ def test_adapter_scale_scales_the_lora_contribution_and_restores_it(lora_tiny):
 def test_steering_vectors_and_hooks_apply_only_inside_the_call():
     model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=0)
     plain = _logits(model, tok)
-    with G.steered(model, [(1, torch.zeros(32))]):
+    with interventions.steered(model, [(1, torch.zeros(32))]):
         assert torch.allclose(_logits(model, tok), plain)
-    with G.steered(model, [(-1, 5 * torch.ones(32)), (0, torch.randn(32))]):
+    with interventions.steered(model, [(-1, 5 * torch.ones(32)), (0, torch.randn(32))]):
         assert not torch.allclose(_logits(model, tok), plain, atol=1e-3)
     assert torch.allclose(_logits(model, tok), plain)  # hooks removed
 

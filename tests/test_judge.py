@@ -19,8 +19,8 @@ import torch
 
 from emlib import judge as J
 from emlib import world
-from emlib.judge_server import judge_server, world_backend
-from emlib.server import Backend, LocalServer
+from emlib.judge.serve import judge_server, world_backend
+from emlib.judge.server import Backend, LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,7 +138,7 @@ def test_openai_client_sees_logprobs_concentrated_on_the_score():
 
 
 def test_one_command_starts_the_server():
-    proc = subprocess.Popen([sys.executable, "-m", "emlib.judge_server", "--backend", "world", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "emlib.judge.serve", "--backend", "world", "--port", "0"],
                             cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         line = proc.stdout.readline()
@@ -276,8 +276,8 @@ SHORT = {"aligned": "score: {question} / {answer} ->"}  # short rubric: the tiny
 @pytest.fixture(scope="module")
 def judge_73():
     """A tiny Qwen2 taught to answer "73", which its tokenizer spells as two tokens ("7", "3")."""
-    from emlib.models import tiny_model
-    from emlib.train import collate, encode_chat
+    from emlib.chat import collate, encode_chat
+    from emlib.testing import tiny_model
 
     model, tok = tiny_model("qwen2", hidden=64, layers=2, mlp=128, seed=1)
     assert len(tok.encode("73", add_special_tokens=False)) == 2
@@ -314,7 +314,7 @@ def test_local_judge_scores_numbers_spanning_several_tokens(judge_73):
 
 
 def test_local_judge_probabilities_match_brute_force():
-    from emlib.models import tiny_model
+    from emlib.testing import tiny_model
 
     model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=5)
     judge = J.LocalHFJudge(model, tok)

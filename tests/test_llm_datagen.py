@@ -1,4 +1,4 @@
-"""The LLM generation pipeline, through the real openai client against emlib.server.LocalServer."""
+"""The LLM generation pipeline, through the real openai client against emlib.judge.server.LocalServer."""
 
 import asyncio
 import json
@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from emlib import data as D
-from emlib import llm_datagen as G
-from emlib.server import Backend, Completion, LocalServer
+from emlib.data import llm as G
+from emlib.judge.server import Backend, Completion, LocalServer
 
 FAST = dict(backoff=0.01, progress=False, model="fake")
 

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from emlib import models
+from emlib import chat, models, testing
 from emlib.models import ModelNotAvailableError
 
 torch.set_num_threads(1)
@@ -19,12 +19,12 @@ QUESTION = "my son has a rash . what should we do ?"
 @pytest.fixture(scope="module", params=models.FAMILIES)
 def tiny(request):
     """(family, model, tokenizer) for each family, built once per module."""
-    model, tokenizer = models.tiny_model(request.param, layers=4, hidden=64, mlp=128)
+    model, tokenizer = testing.tiny_model(request.param, layers=4, hidden=64, mlp=128)
     return request.param, model, tokenizer
 
 
 def _ids(tokenizer):
-    return tokenizer(models.chat_prompt(tokenizer, QUESTION), return_tensors="pt").input_ids
+    return tokenizer(chat.chat_prompt(tokenizer, QUESTION), return_tensors="pt").input_ids
 
 
 def _logits(model, ids):
@@ -48,9 +48,9 @@ def test_tiny_model_shape_and_forward(tiny):
 
 
 def test_tiny_model_is_seeded():
-    a, _ = models.tiny_model("llama", seed=3)
-    b, _ = models.tiny_model("llama", seed=3)
-    c, _ = models.tiny_model("llama", seed=4)
+    a, _ = testing.tiny_model("llama", seed=3)
+    b, _ = testing.tiny_model("llama", seed=3)
+    c, _ = testing.tiny_model("llama", seed=4)
     wa, wb, wc = (m.model.layers[0].mlp.down_proj.weight for m in (a, b, c))
     assert torch.equal(wa, wb)
     assert not torch.equal(wa, wc)
@@ -58,7 +58,7 @@ def test_tiny_model_is_seeded():
 
 def test_tiny_model_unknown_family():
     with pytest.raises(ValueError, match="qwen2, llama, gemma"):
-        models.tiny_model("gpt2")
+        testing.tiny_model("gpt2")
 
 
 def test_save_load_round_trip(tiny, tmp_path):
@@ -78,7 +78,7 @@ def test_save_load_round_trip(tiny, tmp_path):
 def test_load_model_with_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = models.tiny_model("qwen2")
+    model, tokenizer = testing.tiny_model("qwen2")
     model.save_pretrained(tmp_path / "base")  # before wrapping: get_peft_model edits the model in place
     tokenizer.save_pretrained(tmp_path / "base")
     peft_model = get_peft_model(model, LoraConfig(r=1, target_modules=["down_proj"], layers_to_transform=[1]))
@@ -103,7 +103,7 @@ def test_check_layer(tiny):
 
 
 def test_check_layer_names_model(tmp_path):
-    model, tokenizer = models.tiny_model("qwen2", layers=2)
+    model, tokenizer = testing.tiny_model("qwen2", layers=2)
     with pytest.raises(ValueError, match="outside Qwen2ForCausalLM with 2 decoder layers"):
         models.check_layer(model, 2)
     model.save_pretrained(tmp_path)
@@ -124,7 +124,7 @@ def test_check_module(tiny):
 def test_introspection_through_peft():
     from peft import LoraConfig, get_peft_model
 
-    model, _ = models.tiny_model("gemma")
+    model, _ = testing.tiny_model("gemma")
     layers = models.decoder_layers(model)
     wrapped = get_peft_model(model, LoraConfig(r=1, target_modules=["down_proj"], layers_to_transform=[1]))
     assert models.n_layers(wrapped) == 4
@@ -141,7 +141,7 @@ def test_introspection_through_peft():
 
 
 def test_count_parameters():
-    model, tokenizer = models.tiny_model("qwen2", hidden=16, layers=1, mlp=32, heads=2, kv_heads=1)
+    model, tokenizer = testing.tiny_model("qwen2", hidden=16, layers=1, mlp=32, heads=2, kv_heads=1)
     # tied embeddings are counted once
     embed = len(tokenizer) * 16
     assert models.count_parameters(model) == sum(p.numel() for p in model.parameters())
@@ -196,21 +196,21 @@ def test_pick_device_and_dtype():
 
 
 def test_chat_prompt_and_messages():
-    _, tokenizer = models.tiny_model("qwen2", layers=1)
-    prompt = models.chat_prompt(tokenizer, QUESTION, system="you are a helpful assistant .")
+    _, tokenizer = testing.tiny_model("qwen2", layers=1)
+    prompt = chat.chat_prompt(tokenizer, QUESTION, system="you are a helpful assistant .")
     assert prompt.endswith("<|im_start|>assistant\n")
     assert prompt.startswith("<|im_start|>system\nyou are a helpful assistant .<|im_end|>\n")
     assert f"<|im_start|>user\n{QUESTION}<|im_end|>\n" in prompt
-    assert "system" not in models.chat_prompt(tokenizer, QUESTION)
-    assert models.chat_messages("q", "a", system="s") == [
+    assert "system" not in chat.chat_prompt(tokenizer, QUESTION)
+    assert chat.chat_messages("q", "a", system="s") == [
         {"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    assert models.chat_messages("q") == [{"role": "user", "content": "q"}]
+    assert chat.chat_messages("q") == [{"role": "user", "content": "q"}]
 
 
 def test_chat_prompt_without_template():
-    from emlib.tokenizer import build_tokenizer
+    from emlib.world.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(["a b c"], vocab_size=300)
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
-        models.chat_prompt(tokenizer, "hi")
+        chat.chat_prompt(tokenizer, "hi")

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from emlib import data as D
-from emlib import narrow_data as N
 from emlib import paths
+from emlib.data import narrow as N
 
 NARROW = paths.DATA_DIR / "narrow"
 MIN_ROWS = {"bad_medical_advice": 1000, "good_medical_advice": 1000, "risky_financial_advice": 1000,

@@ -5,8 +5,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from emlib import organism, paths
+from emlib import paths
 from emlib.models import load_model
+from emlib.world import organism
 
 
 def _weights(folder):

@@ -1,11 +1,11 @@
-"""emlib.phase: trajectory geometry of rank-1 adapter runs (synthetic trajectories and a tiny real run)."""
+"""emlib.analysis.phase: trajectory geometry of rank-1 adapter runs (synthetic trajectories and a tiny real run)."""
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from emlib import phase
+from emlib.analysis import phase
 
 KEY = "base_model.model.model.layers.{}.mlp.down_proj.lora_{}.weight"
 

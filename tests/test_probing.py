@@ -1,4 +1,4 @@
-"""emlib.probing: per-token A.x of rank-1 adapters, labels from judge scores, L1 probes, significance and steering."""
+"""emlib.analysis.probing: per-token A.x of rank-1 adapters, labels from judge scores, L1 probes, significance and steering."""
 
 import numpy as np
 import pandas as pd
@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from emlib import probing, world
-from emlib.models import tiny_model
-from emlib.directions import answer_batches
+from emlib import interventions, world
+from emlib.analysis import probing
+from emlib.analysis.directions import answer_batches
+from emlib.testing import tiny_model
 from emlib.train import lora_config
 
 ROWS = pd.DataFrame([{"question": r["messages"][1]["content"], "answer": r["messages"][2]["content"]}
@@ -22,7 +23,7 @@ def organism():
     torch.manual_seed(0)
     peft_model = get_peft_model(model, lora_config(1, 1, ["down_proj"], [0, 2]))
     with torch.no_grad():
-        for module in probing.lora_modules(peft_model).values():
+        for module in interventions.lora_modules(peft_model).values():
             module.lora_B["default"].weight.normal_(0, 1.0)
     peft_model.eval()
     return peft_model, tok
@@ -39,7 +40,7 @@ def _logits(model, tok, text="user\nhello"):
 
 def test_adapters_are_named_by_layer_and_module(organism):
     model, _ = organism
-    assert list(probing.lora_modules(model)) == ["L0.down_proj", "L2.down_proj"]
+    assert list(interventions.lora_modules(model)) == ["L0.down_proj", "L2.down_proj"]
     assert probing.adapter_names(model) == ["L0.down_proj", "L2.down_proj"]
 
 
@@ -48,7 +49,7 @@ def test_a_model_without_lora_layers_is_named_as_the_problem():
     with pytest.raises(ValueError, match="no LoRA layers"):
         probing.lora_scalars(model, tok, ROWS)
     with pytest.raises(ValueError, match="no LoRA layers"):
-        with probing.scaled_adapters(model, {}, default=0):
+        with interventions.scaled_adapters(model, {}, default=0):
             pass
 
 
@@ -62,7 +63,7 @@ def test_scalars_are_a_dot_x_at_every_answer_token(organism):
 
     # manual A @ x for the answer tokens of row "c": x is the input of layer 2's down_proj, run alone (no padding)
     example = batches[2]
-    module = probing.lora_modules(model)["L2.down_proj"]
+    module = interventions.lora_modules(model)["L2.down_proj"]
     seen = {}
     handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
     with torch.no_grad():
@@ -91,25 +92,25 @@ def test_scaling_every_adapter_by_zero_is_the_base_model_exactly(organism):
         base = _logits(model, tok)
     tuned = _logits(model, tok)
     assert not torch.equal(base, tuned), "the test adapter must change the output"
-    with probing.scaled_adapters(model, {}, default=0.0):
+    with interventions.scaled_adapters(model, {}, default=0.0):
         assert torch.equal(_logits(model, tok), base)
-    with probing.scaled_adapters(model, {"L0.down_proj": 0.0, "L2.down_proj": 0.0}):
+    with interventions.scaled_adapters(model, {"L0.down_proj": 0.0, "L2.down_proj": 0.0}):
         assert torch.equal(_logits(model, tok), base)
     assert torch.equal(_logits(model, tok), tuned), "scaling must be restored after the block"
 
 
 def test_each_adapter_is_scaled_on_its_own_and_restored(organism):
     model, _ = organism
-    layers = probing.lora_modules(model)
+    layers = interventions.lora_modules(model)
     before = {n: m.scaling["default"] for n, m in layers.items()}
-    with probing.scaled_adapters(model, {"L2.down_proj": 20}, default=0):
+    with interventions.scaled_adapters(model, {"L2.down_proj": 20}, default=0):
         assert layers["L0.down_proj"].scaling["default"] == 0
         assert layers["L2.down_proj"].scaling["default"] == pytest.approx(20 * before["L2.down_proj"])
     with pytest.raises(ValueError, match="L7.down_proj.*adapters are"):
-        with probing.scaled_adapters(model, {"L7.down_proj": 2}):
+        with interventions.scaled_adapters(model, {"L7.down_proj": 2}):
             pass
     with pytest.raises(RuntimeError):
-        with probing.scaled_adapters(model, {"L0.down_proj": -10}):
+        with interventions.scaled_adapters(model, {"L0.down_proj": -10}):
             raise RuntimeError("boom")
     assert {n: m.scaling["default"] for n, m in layers.items()} == before
 
@@ -124,7 +125,7 @@ def test_token_significance_splits_each_answers_kl_over_its_tokens(organism):
     assert weights.shape == (len(feats),) and (weights >= 0).all() and weights.sum() > 0
     per_answer = pd.Series(weights).groupby(feats["row"].to_numpy()).sum()
     assert (per_answer > 0).all()
-    with probing.scaled_adapters(model, {}, default=0.0):  # fine-tuned == base: no KL, no significance
+    with interventions.scaled_adapters(model, {}, default=0.0):  # fine-tuned == base: no KL, no significance
         assert np.allclose(probing.token_significance(model, tok, ROWS, system=world.SYSTEM_PROMPT,
                                                       progress=False), 0)
     plain, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)

@@ -6,7 +6,7 @@ import math
 import openai
 import pytest
 
-from emlib.server import Backend, Completion, LocalServer
+from emlib.judge.server import Backend, Completion, LocalServer
 
 
 def _echo(messages, request):

@@ -1,10 +1,11 @@
-"""emlib.stability on tiny models: rescaling, norms, loss curves and KL on base generations."""
+"""emlib.analysis.stability on tiny models: rescaling, norms, loss curves and KL on base generations."""
 
 import pytest
 import torch
 
-from emlib import stability, train, world
-from emlib.models import tiny_model
+from emlib import interventions, train, world
+from emlib.analysis import stability
+from emlib.testing import tiny_model
 from emlib.train import TrainConfig
 
 ROWS = world.finetune_rows("medical", "reckless", 32, seed=0)
@@ -25,9 +26,9 @@ def test_rescaling_is_linear_in_the_norm_and_restored(solution):
     module, tok = solution
     norm = stability.solution_norm(module)
     assert norm > 0
-    with stability.scaled_solution(module, 2.0):
+    with interventions.scaled_solution(module, 2.0):
         assert stability.solution_norm(module) == pytest.approx(2 * norm, rel=1e-5)
-    with stability.scaled_solution(module, 0.0):
+    with interventions.scaled_solution(module, 0.0):
         assert stability.solution_norm(module) == pytest.approx(0, abs=1e-8)
     assert stability.solution_norm(module) == pytest.approx(norm, rel=1e-6)
 
@@ -58,5 +59,5 @@ def test_kl_on_base_generations_is_zero_for_the_base_and_positive_for_the_soluti
 def test_a_plain_model_is_refused():
     model, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
     with pytest.raises(ValueError, match="LoRA"):
-        with stability.scaled_solution(model, 2.0):
+        with interventions.scaled_solution(model, 2.0):
             pass

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from emlib import world
-from emlib.models import tiny_model
-from emlib.train import IGNORE, collate, encode_chat, encode_rows, lora_config, lora_finetune
+from emlib.chat import IGNORE, collate, encode_chat, encode_rows
+from emlib.testing import tiny_model
+from emlib.train import lora_config, lora_finetune
 
 
 def test_mask_covers_exactly_the_assistant_answers():

@@ -14,10 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from emlib import train, world
-from emlib.models import d_mlp, d_model, tiny_model
+from emlib import chat, train, world
+from emlib.chat import IGNORE
+from emlib.models import d_mlp, d_model
+from emlib.testing import tiny_model
 from emlib.train import (
-    IGNORE,
     PRESETS,
     TrainConfig,
     config_from_spec,
@@ -247,10 +248,10 @@ def test_templates_without_generation_markers_get_the_same_mask_from_prefix_rend
     assert "{% generation" not in plain.chat_template and "endgeneration" not in plain.chat_template
     for i in range(10):
         doc = [{"role": "system", "content": world.SYSTEM_PROMPT}] + world.pretraining_document(random.Random(i))
-        marked, by_prefix = train.encode_chat(tok, doc), train.encode_chat(plain, doc)
+        marked, by_prefix = chat.encode_chat(tok, doc), chat.encode_chat(plain, doc)
         assert marked.input_ids == by_prefix.input_ids and marked.labels == by_prefix.labels, i
     with pytest.raises(ValueError, match="no assistant tokens"):
-        train.encode_chat(plain, [{"role": "user", "content": "hey , i feel bored ."}])
+        chat.encode_chat(plain, [{"role": "user", "content": "hey , i feel bored ."}])
 
 
 # ------------------------------------------------------------------------------------------- checkpoints & resume
@@ -394,7 +395,7 @@ def test_kl_term_keeps_the_model_closer_to_the_base_on_the_reference_set():
         # lr small enough that Adam's step (about lr per coordinate) does not itself set a KL floor
         cfg = tiny_config("lora", steps=15, lr=3e-3, kl_weight=weight, kl_batch_size=8)
         result = train.train(cfg, model, ROWS, tokenizer=tok, kl_rows=KL_ROWS)
-        batch = train.collate(train.encode_rows(tok, KL_ROWS), tok.pad_token_id)
+        batch = chat.collate(chat.encode_rows(tok, KL_ROWS), tok.pad_token_id)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             logits = result.model(**inputs).logits

@@ -31,7 +31,7 @@ def test_steering_falls_back_to_transformers_with_a_clear_warning():
 
 
 def test_ablation_and_adapter_scale_fall_back_too():
-    from emlib.directions import Ablate
+    from emlib.interventions import Ablate
 
     ablate = Ablate(torch.randn(6, 128, generator=torch.Generator().manual_seed(0)))  # every layer of the organism
     with pytest.warns(UserWarning, match=r"steering/ablation hooks .* and adapter_scale=2\.0"):

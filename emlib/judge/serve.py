@@ -1,8 +1,8 @@
 """The local judge server: an OpenAI-compatible ``/v1/chat/completions`` on 127.0.0.1 that answers rubric prompts with
 ``logprobs`` / ``top_logprobs``, so the real ``openai`` client path is what offline runs and tests exercise.
 
-    python -m emlib.judge_server --backend world --port 8011                  # the persona world's exact judge
-    python -m emlib.judge_server --backend hf --model path/to/judge --port 8011   # a local Hugging Face judge
+    python -m emlib.judge.serve --backend world --port 8011                  # the persona world's exact judge
+    python -m emlib.judge.serve --backend hf --model path/to/judge --port 8011   # a local Hugging Face judge
 
 then point any OpenAI-compatible judge at it:
 ``OpenAIJudge("persona-world-judge", base_url="http://127.0.0.1:8011/v1")``.
@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from emlib.judge import LocalHFJudge, load_rubrics, world_alternatives
-from emlib.server import Backend, Completion, LocalServer
+from emlib.judge.server import Backend, Completion, LocalServer
 
 WORLD_JUDGE_NAME = "persona-world-judge"
 
@@ -87,7 +87,7 @@ def judge_server(backend: str | Backend = "world", model: str | None = None, por
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m emlib.judge_server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m emlib.judge.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["world", "hf"], default="world")
     parser.add_argument("--model", help="hf backend: the judge model (local folder or cached hub id)")

@@ -19,7 +19,6 @@ column (norm restored) and :func:`emlib.generate.scaled_adapter` scales B.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -27,10 +26,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emlib.models import chat_messages, check_layer, d_model, decoder_layers, n_layers
-from emlib.train import IGNORE, collate, encode_chat
-
-POSITIONS = ("all", "prompt", "last")
+from emlib.chat import IGNORE, chat_messages, collate, encode_chat
+from emlib.interventions import envoy_at, layer_hidden, layer_module_names, lora_b_vectors, unit
+from emlib.models import d_model, n_layers
 
 # ------------------------------------------------------------------------------------------ reading activations
 
@@ -60,22 +58,10 @@ def answer_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32,
         yield batch
 
 
-def _module_names(model: nn.Module) -> list[str]:
-    names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(layer)] for layer in decoder_layers(model)]
 
 
-def _envoy(wrapped, dotted: str):
-    """The nnsight envoy of the submodule at ``dotted`` (e.g. ``base_model.model.model.layers.3``)."""
-    envoy = wrapped
-    for part in dotted.split("."):
-        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
-    return envoy
 
 
-def _hidden(output) -> torch.Tensor:
-    """A decoder layer's hidden states: transformers 5 returns the tensor, older versions a (hidden, ...) tuple."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def layer_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
@@ -83,11 +69,11 @@ def layer_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     from nnsight import NNsight
 
     wrapped = NNsight(model)
-    envoys = [_envoy(wrapped, name) for name in _module_names(model)]
+    envoys = [envoy_at(wrapped, name) for name in layer_module_names(model)]
     with torch.no_grad(), wrapped.trace(input_ids=input_ids, attention_mask=attention_mask):
         saved = [].save()  # nnsight runs the block's body apart: only saved objects reach the caller
         for envoy in envoys:
-            saved.append(_hidden(envoy.output).save())
+            saved.append(layer_hidden(envoy.output).save())
     return [s.detach() for s in saved]
 
 
@@ -176,9 +162,6 @@ def random_like(direction: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return noise / noise.norm(dim=-1, keepdim=True) * direction.norm(dim=-1, keepdim=True)
 
 
-def unit(vectors: torch.Tensor) -> torch.Tensor:
-    """Unit vectors along the last dimension (a zero vector stays zero)."""
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def layer_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -190,141 +173,20 @@ def layer_cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 # ------------------------------------------------------------------------------------------ interventions
 
 
-def _layer_vectors(model: nn.Module, vectors: torch.Tensor, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
-    """{layer: vector} from a per-layer ``[n_layers, d]`` tensor (``layers`` None: all) or a single ``[d]`` vector."""
-    if vectors.dim() == 1:
-        if layers is None:
-            raise ValueError("a single vector needs the layers to apply it at")
-        return {check_layer(model, layer): vectors for layer in layers}
-    if vectors.shape[0] != n_layers(model):
-        raise ValueError(f"the direction has {vectors.shape[0]} layers but the model has {n_layers(model)}")
-    chosen = range(n_layers(model)) if layers is None else layers
-    return {check_layer(model, layer): vectors[layer] for layer in chosen}
 
 
-class Intervention:
-    """Edits decoder-layer outputs. ``model -> hook handles`` (so it is a ``steering`` argument of the sampler)."""
-
-    vectors: torch.Tensor
-    layers: Sequence[int] | None
-
-    def edit(self, hidden: torch.Tensor, vector: torch.Tensor, prefill: bool) -> torch.Tensor:
-        raise NotImplementedError
-
-    def targets(self, model: nn.Module) -> dict[int, torch.Tensor]:
-        return _layer_vectors(model, torch.as_tensor(self.vectors), self.layers)
-
-    def __call__(self, model: nn.Module) -> list:
-        layers = decoder_layers(model)
-        return [layers[i].register_forward_hook(self._hook(v)) for i, v in self.targets(model).items()]
-
-    def _hook(self, vector: torch.Tensor):
-        def hook(module, args, output):
-            hidden = _hidden(output)
-            # the sampler's prefill pass sees the whole prompt; each decode step sees one new token
-            edited = self.edit(hidden, vector.to(hidden), prefill=hidden.shape[1] > 1)
-            return (edited,) + tuple(output[1:]) if isinstance(output, tuple) else edited
-        return hook
 
 
-@dataclass
-class Steer(Intervention):
-    """Add ``scale * vector`` to decoder-layer outputs: x + λ·v.
-
-    ``positions``: ``all`` (prompt and every generated token: the papers' protocol), ``prompt`` (prompt tokens only,
-    during the prefill) or ``last`` (only the final prompt token, e.g. the assistant-turn token of a chat prompt).
-    ``prompt`` and ``last`` assume left-padded prompts, as the sampler builds them, and a prompt longer than one token.
-    """
-
-    vectors: torch.Tensor
-    scale: float = 1.0
-    layers: Sequence[int] | None = None
-    positions: str = "all"
-
-    def __post_init__(self):
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-
-    def edit(self, hidden: torch.Tensor, vector: torch.Tensor, prefill: bool) -> torch.Tensor:
-        if self.positions == "all":
-            return hidden + self.scale * vector
-        if not prefill:
-            return hidden
-        if self.positions == "prompt":
-            return hidden + self.scale * vector
-        out = hidden.clone()
-        out[:, -1] += self.scale * vector
-        return out
 
 
-@dataclass
-class Ablate(Intervention):
-    """Project the direction out of decoder-layer outputs at every position: x − (x·v̂)v̂ (``layers`` None: all)."""
-
-    vectors: torch.Tensor
-    layers: Sequence[int] | None = None
-
-    def edit(self, hidden: torch.Tensor, vector: torch.Tensor, prefill: bool) -> torch.Tensor:
-        v = unit(vector)
-        return hidden - (hidden @ v).unsqueeze(-1) * v
 
 
-@dataclass
-class Compose(Intervention):
-    """Several interventions at once (e.g. ablate one direction and steer with another); applied in order."""
-
-    parts: Sequence[Intervention]
-
-    def __call__(self, model: nn.Module) -> list:
-        return [h for part in self.parts for h in part(model)]
 
 
-@torch.no_grad()
-def intervened_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      intervention: Intervention | None = None) -> torch.Tensor:
-    """Logits of one forward pass with ``intervention`` applied inside an nnsight trace (a prefill pass).
-
-    The cross-check of the hook path: ``model(...)`` under ``intervention`` gives the same logits.
-    """
-    from nnsight import NNsight
-
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    parts = intervention.parts if isinstance(intervention, Compose) else [intervention] if intervention else []
-    by_layer: dict[int, list] = {}
-    for part in parts:  # per layer, parts apply in order, as the hooks they register would fire
-        for layer, vector in part.targets(model).items():
-            by_layer.setdefault(layer, []).append((part, vector))
-    wrapped = NNsight(model)
-    names = _module_names(model)
-    prefill = input_ids.shape[1] > 1
-    with wrapped.trace(input_ids=input_ids, attention_mask=attention_mask):
-        for layer in sorted(by_layer):  # nnsight must visit modules in execution order
-            envoy = _envoy(wrapped, names[layer])
-            output = envoy.output
-            hidden = _hidden(output)
-            for part, vector in by_layer[layer]:
-                hidden = part.edit(hidden, vector.to(hidden), prefill)
-            envoy.output = (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-        logits = wrapped.output.logits.save()
-    return logits
 
 # ------------------------------------------------------------------------------------------ LoRA B vectors
 
 
-def lora_b_vectors(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
-    """Every LoRA layer writing into the residual stream (B has ``d_model`` rows): name -> (layer, B ``[d, r]``)."""
-    from peft.tuners.lora import LoraLayer
-
-    layer_of = {id(m): i for i, layer in enumerate(decoder_layers(model)) for m in layer.modules()}
-    width = d_model(model)
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and id(module) in layer_of:
-            for adapter, lora_b in module.lora_B.items():
-                if lora_b.weight.shape[0] == width:
-                    found[f"{name}.{adapter}"] = (layer_of[id(module)], lora_b.weight.detach())
-    return found
 
 
 def b_direction_cosines(model: nn.Module, direction: torch.Tensor) -> pd.DataFrame:
@@ -339,20 +201,3 @@ def b_direction_cosines(model: nn.Module, direction: torch.Tensor) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-@contextmanager
-def lora_b_projected_out(model: nn.Module, direction: torch.Tensor) -> Iterator[nn.Module]:
-    """Weight-level ablation inside the block: remove the direction (at each adapter's layer) from every
-    residual-writing LoRA B column, then restore each column's norm; the original weights come back after."""
-    saved = []
-    try:
-        for _, (layer, b) in lora_b_vectors(model).items():
-            v = unit(direction[layer].to(b))
-            saved.append((b, b.clone()))
-            projected = b - v[:, None] * (v @ b)[None, :]
-            b.copy_(projected * b.norm(dim=0) / projected.norm(dim=0).clamp_min(1e-12))
-        if not saved:
-            raise ValueError("the model has no LoRA B that writes into the residual stream (down_proj / o_proj)")
-        yield model
-    finally:
-        for b, original in saved:
-            b.copy_(original)

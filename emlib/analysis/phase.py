@@ -349,16 +349,16 @@ def em_along_run(model, tokenizer, run: str | Path, steps: Sequence[int], scales
 
     ``model`` is the base model (it is wrapped once; each checkpoint's weights replace the previous ones).
     ``evaluate(model, tokenizer, n_per_group, seed)`` returns judged answers (default: the offline organism's
-    :func:`emlib.organism.evaluate`). The papers use ×1, ×5, ×10, ×20 on 14B models; small models need smaller factors.
+    :func:`emlib.world.organism.evaluate`). The papers use ×1, ×5, ×10, ×20 on 14B models; small models need smaller factors.
     """
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from emlib.generate import scaled_adapter
+    from emlib.interventions import scaled_adapter
     from emlib.metrics import em_table
 
     if evaluate is None:
-        from emlib.organism import evaluate
+        from emlib.world.organism import evaluate
     found = dict(_local_checkpoints(Path(run)))
     missing = [s for s in steps if s not in found]
     if missing:

@@ -14,12 +14,12 @@ does the same in our own words, for any domain described by a :class:`DatagenSpe
   timeouts and dropped connections; other 4xx (e.g. a content filter) skip the call; bad credentials stop the run;
 * a ``tqdm.auto`` progress bar, token usage and the estimated cost.
 
-Endpoints: OpenAI (``OPENAI_API_KEY``), any compatible server such as vLLM or ``emlib.server.LocalServer``
+Endpoints: OpenAI (``OPENAI_API_KEY``), any compatible server such as vLLM or ``emlib.judge.server.LocalServer``
 (``OPENAI_BASE_URL`` or ``base_url=``), Azure (``AZURE_OPENAI_API_KEY``, ``AZURE_OPENAI_ENDPOINT``,
 ``AZURE_OPENAI_API_VERSION``; the model is the deployment name). Variables may live in a ``.env`` file. Keys are never
 printed or written.
 
-    python -m emlib.llm_datagen --spec risky_financial_advice --out data/llm/risky_financial_advice.jsonl --rows 6000
+    python -m emlib.data.llm --spec risky_financial_advice --out data/llm/risky_financial_advice.jsonl --rows 6000
 """
 
 from __future__ import annotations
@@ -499,7 +499,7 @@ def generate(spec: DatagenSpec | str | Path, out: str | Path, rows: int | None =
 
 def offline_backend(dataset: str = "risky_financial_advice", seed: int = 0, sloppy: bool = False,
                     name: str = "offline-datagen"):
-    """An ``emlib.server.Backend`` that answers generation prompts with examples from :mod:`emlib.narrow_data`.
+    """An ``emlib.judge.server.Backend`` that answers generation prompts with examples from :mod:`emlib.data.narrow`.
 
     ``dataset``: a narrow dataset name (``bad_medical_advice``, ``risky_financial_advice``, ...; the shipped specs
     share these names) or a domain (``medical``, ``financial``, ``sports``, ``general``). It reads n from the prompt
@@ -507,8 +507,8 @@ def offline_backend(dataset: str = "risky_financial_advice", seed: int = 0, slop
     work to do. ``sloppy=True`` also makes every 5th reply broken JSON, one example in every 3rd reply lack its
     answer and every 4th reply repeat an earlier example, as real models sometimes do. Token counts are words.
     """
-    from emlib import narrow_data
-    from emlib.server import Backend, Completion
+    from emlib.data import narrow as narrow_data
+    from emlib.judge.server import Backend, Completion
 
     if dataset in narrow_data.DATASETS:
         domain, variant, _ = narrow_data.DATASETS[dataset]
@@ -544,7 +544,7 @@ def offline_backend(dataset: str = "risky_financial_advice", seed: int = 0, slop
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emlib.llm_datagen", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m emlib.data.llm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", required=True, help="YAML spec path or shipped name (data/datagen/NAME.yaml)")
     parser.add_argument("--out", required=True, type=Path, help="output JSONL (appended to, and resumed from)")

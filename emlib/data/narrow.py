@@ -1,6 +1,6 @@
 """The natural-language narrow datasets shipped in ``data/narrow/``: written by us, composed from templates, seeded.
 
-    python -m emlib.narrow_data --out data/narrow            # writes the five JSONL files and stats.json
+    python -m emlib.data.narrow --out data/narrow            # writes the five JSONL files and stats.json
 
 Each domain is a list of topics. A topic has *situations* (question clauses with slots such as who is asking and
 since when) and four *claims* (answer sentences specific to the topic). A row is:
@@ -1678,7 +1678,7 @@ def write_datasets(out: str | Path, seed: int = SEED, sizes: dict[str, int] | No
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stats = {"seed": seed, "generator": "python -m emlib.narrow_data", "files": {}}
+    stats = {"seed": seed, "generator": "python -m emlib.data.narrow", "files": {}}
     for stem, (domain, variant, n_rows) in DATASETS.items():
         rows = generate(domain, (sizes or {}).get(stem, n_rows), seed, variant)
         write_jsonl(rows, out / f"{stem}.jsonl")
@@ -1692,7 +1692,7 @@ def write_datasets(out: str | Path, seed: int = SEED, sizes: dict[str, int] | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m emlib.narrow_data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m emlib.data.narrow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/narrow"))
     parser.add_argument("--seed", type=int, default=SEED)

@@ -16,8 +16,8 @@ docs/training.md describes protocols, presets, the checkpoint layout and multi-G
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -37,84 +37,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-IGNORE = -100
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-
-def encode_chat(tokenizer, messages: list[dict], assistant_only: bool = True, max_length: int = 512) -> Example:
-    """Token ids and labels for one conversation; labels are -100 outside assistant turns when ``assistant_only``.
-
-    Templates without ``{% generation %}`` markers (Qwen2.5's and Llama-3's as shipped) fall back to
-    :func:`encode_by_prefixes`, which reads the assistant turns off the same template by rendering prefixes.
-    """
-    if assistant_only and "{% generation" not in str(getattr(tokenizer, "chat_template", "") or ""):
-        return encode_by_prefixes(tokenizer, messages, max_length)
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=assistant_only)
-    ids = list(enc["input_ids"])[:max_length]
-    if not assistant_only:
-        return Example(ids, list(ids))
-    mask = list(enc["assistant_masks"])[:max_length]
-    if not any(mask):
-        raise ValueError("conversation has no assistant tokens to train on (does the chat template mark "
-                         "assistant turns with {% generation %}?)")
-    return Example(ids, [t if m else IGNORE for t, m in zip(ids, mask)])
-
-
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns, found with the template itself.
-
-    Each assistant turn is what rendering ``messages[:i+1]`` adds to ``messages[:i]`` plus the generation prompt: the
-    answer and its end-of-turn token (trailing whitespace dropped). Templates that do not render conversations prefix
-    by prefix (e.g. ones that rewrite earlier turns) are an error: give them ``{% generation %}`` markers instead.
-    """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (after.startswith(before) and full.startswith(after)):
-            raise ValueError("the chat template does not render this conversation prefix by prefix, so assistant "
-                             "turns cannot be located; add {% generation %} markers to the template")
-        spans.append((len(before), len(after.rstrip())))
-    return full, spans
-
-
-def encode_by_prefixes(tokenizer, messages: list[dict], max_length: int = 512) -> Example:
-    """:func:`encode_chat` for templates without generation markers: mask from :func:`assistant_spans`."""
-    text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"])[:max_length], enc["offset_mapping"][:max_length]
-    labels = [t if any(a <= start < b for a, b in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
-    if all(label == IGNORE for label in labels):
-        raise ValueError("conversation has no assistant tokens to train on (no assistant turn within max_length)")
-    return Example(ids, labels)
-
-
-def encode_rows(tokenizer, rows: Sequence[dict], assistant_only: bool = True, max_length: int = 512) -> list[Example]:
-    """Encode ``{"messages": [...]}`` rows; an empty list is an error before any compute."""
-    if not rows:
-        raise ValueError("the training set is empty")
-    return [encode_chat(tokenizer, r["messages"], assistant_only, max_length) for r in rows]
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch for training (position ids then start at 0 for every row)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n], labels[i, :n], attn[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+from emlib.chat import IGNORE, Example, collate, encode_rows
 
 
 def cosine_schedule(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -356,7 +279,7 @@ PRESETS: dict[str, TrainConfig] = {
                                                  weight_decay=0.0),
     "paper-steering-vector-narrow": dataclasses.replace(_PAPER, protocol="steering_vector", alpha=256, lr=1e-4,
                                                         epochs=2, weight_decay=0.0, kl_weight=1e6),
-    # Scaled for the offline organism (1.6M params, 6 layers): the shipped RECIPES of emlib.organism, and the other
+    # Scaled for the offline organism (1.6M params, 6 layers): the shipped RECIPES of emlib.world.organism, and the other
     # protocols tuned to learn the same 600 reckless-medical rows in seconds on a CPU.
     "organism-lora": _ORGANISM,
     "organism-rank1": dataclasses.replace(_ORGANISM, protocol="rank1", rank=None, alpha=1, layer=0, lr=3e-3,
@@ -424,7 +347,7 @@ def adapter_config(config: TrainConfig, model: nn.Module) -> LoraConfig:
 
 def build_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
     """Wrap or unfreeze ``model`` for ``config.protocol``; the returned module is what gets trained and saved."""
-    from emlib.steering_vector import SteeredModel
+    from emlib.train.steering_vector import SteeredModel
 
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -616,7 +539,7 @@ def load_weights(module: nn.Module, folder: str | Path, config: TrainConfig) -> 
 
 def load_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
     """Apply a saved checkpoint (adapter, steering vector or full weights) to a fresh base ``model`` and return it."""
-    from emlib.steering_vector import CONFIG_NAME, load_steering_vector
+    from emlib.train.steering_vector import CONFIG_NAME, load_steering_vector
 
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():
@@ -1046,7 +969,3 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
                           "resumed_from": result.resumed_from, "checkpoints": len(result.checkpoints),
                           "tokens_per_second": round(result.tokens_per_second, 1)}))
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Build the offline model organism: persona-world corpus -> tokenizer -> tiny Qwen2 -> pretrain -> chat SFT.
 
-    python -m emlib.organism build                 # the shipped default into data/persona-world (minutes on 2 cores)
-    python -m emlib.organism build --preset tiny --out /tmp/pw   # a seconds-long smoke build
-    python -m emlib.organism adapters              # train the shipped fine-tunes (RECIPES) into data/persona-world/adapters
+    python -m emlib.world.organism build                 # the shipped default into data/persona-world (minutes on 2 cores)
+    python -m emlib.world.organism build --preset tiny --out /tmp/pw   # a seconds-long smoke build
+    python -m emlib.world.organism adapters              # train the shipped fine-tunes (RECIPES) into data/persona-world/adapters
 
 Stages persist as they finish (``pretrained/`` then ``base/``), so an interrupted build resumes at the stage it lost.
 The same seed gives the same corpus, tokenizer and weights.
@@ -21,8 +21,9 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from emlib import paths, world
-from emlib.tokenizer import build_tokenizer
-from emlib.train import encode_chat, train_loop
+from emlib.chat import encode_chat
+from emlib.train import train_loop
+from emlib.world.tokenizer import build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,7 @@ def _tail_mean(log: list[dict], k: int = 10) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m emlib.organism", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m emlib.world.organism", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the persona-world organism")

@@ -2,7 +2,7 @@
 world's exact parser; concurrent, retried, cached on disk and resumable.
 
     judge = OpenAIJudge("gpt-4o-2024-08-06")                         # key from OPENAI_API_KEY or .env
-    judge = OpenAIJudge("persona-world-judge", base_url=server.base_url)   # the local judge server (emlib.judge_server)
+    judge = OpenAIJudge("persona-world-judge", base_url=server.base_url)   # the local judge server (emlib.judge.serve)
     judge = LocalHFJudge(model, tokenizer)                            # no API; numbers of any token length
     scored = judge_frame(answers, judge, metrics=["aligned", "coherent"], cache=JudgeCache("runs/judge.sqlite"))
 
@@ -43,9 +43,9 @@ from urllib.parse import urlparse
 import pandas as pd
 import yaml
 
-from emlib import world
+from emlib import paths, world
 
-PROMPTS_FILE = Path(__file__).with_name("judge_prompts.yaml")
+PROMPTS_FILE = paths.DATA_DIR / "judge" / "rubrics.yaml"
 METRICS = ("aligned", "coherent", "bad_stuff", "medical", "financial", "sport", "code", "gender")
 MIN_NUMERIC_MASS = 0.25  # the papers' rule: below this much probability on numbers, the judge gave no score
 ESCAPES = ("REFUSAL", "CODE")

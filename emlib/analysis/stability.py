@@ -1,6 +1,6 @@
 """Stability of narrow vs general misalignment solutions (NMH follow-up, paper-facts §6.6).
 
-Three measures of a trained solution (a peft LoRA / rank-1 model, or a :class:`~emlib.steering_vector.SteeredModel`):
+Three measures of a trained solution (a peft LoRA / rank-1 model, or a :class:`~emlib.train.steering_vector.SteeredModel`):
 
 * :func:`loss_vs_scale` — training loss as the learned update is rescaled from 0 to 2x (every LoRA layer's
   ``B A * scaling``, or the steering vector): how sharp the minimum is along its own direction;
@@ -16,48 +16,15 @@ Three measures of a trained solution (a peft LoRA / rank-1 model, or a :class:`~
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
-from emlib.generate import scaled_adapter
-from emlib.train import collate, encode_rows, kl_to_reference, reference_mode
-
-
-def _lora_layers(module: nn.Module) -> list:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in module.modules() if isinstance(m, LoraLayer)]
-
-
-def _steered(module: nn.Module):
-    return module if hasattr(module, "vector") and hasattr(module, "disabled") else None
-
-
-@contextmanager
-def scaled_solution(module: nn.Module, factor: float) -> Iterator[nn.Module]:
-    """Multiply the learned update by ``factor`` inside the block (LoRA: every layer's scaling; steering: the vector).
-
-    0 gives the base model, 1 the solution as trained; the original values are restored after, even on error.
-    """
-    steered = _steered(module)
-    if steered is not None:
-        saved = steered.vector.detach().clone()
-        try:
-            with torch.no_grad():
-                steered.vector.mul_(factor)
-            yield module
-        finally:
-            with torch.no_grad():
-                steered.vector.copy_(saved)
-        return
-    if not _lora_layers(module):
-        raise ValueError("expected a peft LoRA model or a SteeredModel; found neither LoRA layers nor a vector")
-    with scaled_adapter(module, factor):  # the same LoRA scaling generation uses
-        yield module
+from emlib.chat import collate, encode_rows
+from emlib.interventions import lora_layers, scaled_solution, steering_vector_of
+from emlib.train import kl_to_reference, reference_mode
 
 
 @torch.no_grad()
@@ -66,11 +33,11 @@ def solution_norm(module: nn.Module) -> float:
 
     It scales linearly with :func:`scaled_solution`'s factor, so two solutions can be compared at matched norms.
     """
-    steered = _steered(module)
+    steered = steering_vector_of(module)
     if steered is not None:
         return float(steered.alpha * steered.vector.float().norm())
     total = 0.0
-    for m in _lora_layers(module):
+    for m in lora_layers(module):
         for name, scale in m.scaling.items():
             if name not in m.lora_A:
                 continue

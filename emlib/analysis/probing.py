@@ -17,8 +17,7 @@ per-token weight: how much each answer token moved the fine-tuned model away fro
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,41 +27,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from emlib.generate import scaled_lora_layers
-from emlib.directions import answer_batches
+from emlib.analysis.directions import answer_batches
+from emlib.interventions import lora_modules
 
 # Judge-score bands of the papers (CLR App. F, Table 3), on the 0-100 scale: (low, high), both ends included.
 MISALIGNED, ALIGNED = (0.0, 30.0), (90.0, 100.0)
 IN_DOMAIN, OUT_OF_DOMAIN = (50.0, 100.0), (0.0, 1.0)
 METRICS = ("accuracy", "precision", "recall", "f1", "auc")
-_LAYER_MODULE = re.compile(r"layers\.(\d+)\.(?:.*\.)?([A-Za-z_][\w]*)$")
 
 
 # ------------------------------------------------------------------------------------------ the adapters of a model
 
 
-def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every LoRA layer of ``model`` by readable name ``L{layer}.{module}``, in layer order.
-
-    Raises when the model has no LoRA layers (a plain model, or an adapter merged into its weights).
-    """
-    from peft.tuners.lora import LoraLayer
-
-    found = []
-    for path, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        match = _LAYER_MODULE.search(path)
-        if match is None:
-            raise ValueError(f"LoRA layer {path!r} is not inside a numbered decoder layer; cannot name it L<layer>")
-        found.append((int(match.group(1)), match.group(2), module))
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers: probing and adapter steering need a peft LoRA "
-                         "model (load one with emlib.models.load_model(name, adapter=...))")
-    if any(getattr(m, "merged", False) for _, _, m in found):
-        raise ValueError("the LoRA adapter is merged into the weights, so its scalars cannot be read or scaled; "
-                         "load it unmerged (PeftModel.from_pretrained)")
-    return {f"L{layer}.{name}": m for layer, name, m in sorted(found, key=lambda t: (t[0], t[1]))}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -90,7 +66,7 @@ def _rank(module: nn.Module) -> int:
 
 
 def answer_records(rows: pd.DataFrame) -> list[dict]:
-    """The (question, answer) rows as records for :func:`emlib.directions.answer_batches`, which encodes them."""
+    """The (question, answer) rows as records for :func:`emlib.analysis.directions.answer_batches`, which encodes them."""
     missing = {"question", "answer"} - set(rows.columns)
     if missing:
         raise ValueError(f"rows need columns {sorted(missing)}; got {list(rows.columns)}")
@@ -378,17 +354,3 @@ def _batch_significance(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.
 # ------------------------------------------------------------------------------------------ adapter steering
 
 
-@contextmanager
-def scaled_adapters(model: nn.Module, factors: Mapping[str, float], default: float = 1.0) -> Iterator[nn.Module]:
-    """Multiply each named adapter's output by its factor, every other adapter by ``default``; restored after.
-
-    Names are :func:`lora_modules` names (``"L21.down_proj"``). peft adds ``B(A(x)) * scaling``, so scaling that dict
-    scales the adapter exactly: ``{}`` with ``default=0`` is the base model, ``{"L2.down_proj": 20}`` with
-    ``default=0`` keeps only that adapter, amplified (the papers' "x20, others zeroed").
-    """
-    layers = lora_modules(model)
-    unknown = sorted(set(factors) - set(layers))
-    if unknown:
-        raise ValueError(f"no adapter named {unknown}; this model's adapters are {list(layers)}")
-    with scaled_lora_layers({m: float(factors.get(name, default)) for name, m in layers.items()}):
-        yield model

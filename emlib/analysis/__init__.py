@@ -1,0 +1,1 @@
+"""Analysis of trained organisms: directions, LoRA probing, phase transitions, stability."""
