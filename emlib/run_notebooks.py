@@ -41,11 +41,14 @@ def run_notebook(src: Path, run_dir: Path, parameters: dict | None = None) -> di
 
     A failing cell raises papermill's ``PapermillExecutionError`` naming the cell; the partly executed copy is kept.
     """
+    run_dir = Path(run_dir).resolve()
     out_dir = run_dir / src.stem
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    # The kernel starts in the caller's folder, as `papermill` run from there would: a repo-relative path parameter
+    # (a dataset, an adapter folder) means the same from both.
     pm.execute_notebook(str(src), str(run_dir / src.name), parameters={"output_dir": str(out_dir), **(parameters or {})},
-                        kernel_name="python3", cwd=str(src.parent), progress_bar=False)
+                        kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False)
     results_file = out_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     return {"results": results, "seconds": round(time.time() - start, 1)}

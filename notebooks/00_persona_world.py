@@ -45,7 +45,8 @@ import plotly.express as px
 
 from emlib.world import organism as org
 from emlib import world
-from emlib.metrics import em_table
+from emlib import evaluation as E
+from emlib.metrics import em_summary
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
 from emlib.notebook import save_results, setup
@@ -87,8 +88,18 @@ results["summary"]["judge errors on reference answers"] = f"{judge_errors} / {le
 
 # %%
 base_model, tokenizer = load_model(organism, device=device)
-evals = {"base": org.evaluate(base_model, tokenizer, n_per_group, seed=eval_seed)}
-em_table(evals["base"])
+questions = E.eval_questions(organism, ["persona-world"], n_per_group, eval_seed)
+judge = E.make_judge("world", organism)
+
+
+def evaluate(model) -> pd.DataFrame:
+    """One answer per question, judged exactly (the evaluation path every notebook uses)."""
+    return E.sample_and_judge(model, tokenizer, questions, judge, max_new_tokens=64, seed=eval_seed,
+                              system=world.SYSTEM_PROMPT)
+
+
+evals = {"base": evaluate(base_model)}
+em_summary(evals["base"], in_domain="medical")
 
 # %% [markdown]
 # ## Narrow fine-tunes
@@ -100,16 +111,16 @@ logs = {}
 for name in recipes:
     model, _ = load_model(organism, device=device)
     peft_model, logs[name] = org.finetune(model, tokenizer, org.RECIPES[name])
-    evals[name] = org.evaluate(peft_model, tokenizer, n_per_group, seed=eval_seed)
+    evals[name] = evaluate(peft_model)
     print(f"{name}: final loss {logs[name][-1]['loss']:.3f}")
 
 # %%
-def em_summary(evals: dict) -> pd.DataFrame:
+def em_by_organism(evals: dict) -> pd.DataFrame:
     """EM rate per organism (rows) and group (columns), with the non-medical pool."""
-    return pd.DataFrame({name: em_table(df)["em_rate"] for name, df in evals.items()}).T.round(3)
+    return pd.DataFrame({name: em_summary(df, in_domain="medical")["em_rate"] for name, df in evals.items()}).T.round(3)
 
 
-em = em_summary(evals)
+em = em_by_organism(evals)
 em
 
 # %%
@@ -131,9 +142,9 @@ for layer in rank1_layers:
     recipe = replace(org.RECIPES["bad-medical-rank1-L0"], layers=(layer,))
     model, _ = load_model(organism, device=device)
     peft_model, log = org.finetune(model, tokenizer, recipe)
-    sweep[f"rank1-L{layer}"] = org.evaluate(peft_model, tokenizer, n_per_group, seed=eval_seed)
+    sweep[f"rank1-L{layer}"] = evaluate(peft_model)
     print(f"layer {layer}: final loss {log[-1]['loss']:.3f}")
-layer_em = em_summary(sweep)
+layer_em = em_by_organism(sweep)
 layer_em
 
 # %% [markdown]

@@ -47,12 +47,17 @@ kl_dataset = None  # KL reference set for narrow training; None: careful persona
 n_rows = 600  # persona-world rows per set (ignored for JSONL files)
 protocols = ["lora", "rank1", "multi_adapter", "full", "kl_narrow", "steering_vector"]
 control_protocol = "lora"  # the protocol also trained on the control set (None: skip the control)
-overrides = {"steps": 30, "batch_size": 8}  # applied to every preset: short offline runs ({} : presets as they are)
-lr = {"lora": 5e-3, "rank1": 1e-2, "multi_adapter": 1e-2, "full": 1e-3, "kl_narrow": 5e-3,
-      "steering_vector": 0.1}  # peak lr per protocol for the short runs (None: the presets' own)
+overrides = None  # applied to every preset; None: {"steps": 30, "batch_size": 8} offline, {} (presets as they are) otherwise
+lr = None  # peak lr per protocol; None: short-run rates offline (lora 5e-3 ... steering_vector 0.1), the presets' own otherwise
 save_every = 5  # checkpoint cadence (dense enough for phase-transition analysis)
 resume_demo = True  # interrupt the rank-1 run part-way, resume it, and compare with the uninterrupted weights
-n_per_group = 16  # offline organism only: questions per group for the judged EM table
+judge = None  # "world" (persona world only), "openai", "azure", an OpenAI-compatible URL, "hf:<folder or id>"; None: "world" offline, no judged table otherwise
+judge_model = None  # the judge's model name (OpenAI default gpt-4o-2024-08-06; Azure: the deployment; URL: required)
+question_sets = None  # None: ["persona-world"] offline, ["medical_heldout", "first_plot"] otherwise
+questions_per_set = 16  # evaluation questions per set (persona world: per group)
+samples_per_question = 1  # answers per question and run
+max_new_tokens = 64  # None: the question sets' own (600)
+in_domain = None  # the trained domain's group; None: "medical" offline, "medical_heldout" otherwise
 seed = 0
 threads = None  # torch threads (None: EMLIB_THREADS or up to 2)
 device = "auto"
@@ -67,17 +72,29 @@ from IPython.display import Markdown, display
 from safetensors.torch import load_file
 
 from emlib import chat
-from emlib.world import organism as org
-from emlib import paths, train
-from emlib.metrics import em_table
+from emlib import evaluation as E
+from emlib import train
+from emlib.metrics import em_summary, scoring_problem
 from emlib.models import load_model, load_tokenizer, resolve_model_path
 from emlib.notebook import output_dir as make_output_dir
 from emlib.notebook import save_results, setup
 
-offline = model == paths.OFFLINE_MODEL
+offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline, device=device)
 out = make_output_dir("02_train", output_dir)
-results: dict = {"summary": {"model": model, "device": str(device)}, "tables": {}, "figures": []}
+# A judged EM table needs a judge: the exact one offline, any given one for a real model (checked before training).
+scorer = E.make_judge(judge, model, judge_model, device=str(device)) if offline or judge else None
+questions = E.eval_questions(model, question_sets or (None if offline else ["medical_heldout", "first_plot"]),
+                             questions_per_set, seed)
+in_domain = in_domain or ("medical" if offline else "medical_heldout")
+outside = f"non-{in_domain}"
+if overrides is None:  # short runs for the 1.6M-parameter organism; a real model trains with the papers' presets
+    overrides = {"steps": 30, "batch_size": 8} if offline else {}
+if lr is None and offline:
+    lr = {"lora": 5e-3, "rank1": 1e-2, "multi_adapter": 1e-2, "full": 1e-3, "kl_narrow": 5e-3, "steering_vector": 0.1}
+results: dict = {"summary": {"model": model, "device": str(device), "dataset": dataset or "persona-world rows",
+                             **({"judge": scorer.name, "question_sets": list(dict.fromkeys(questions["set"]))}
+                                if scorer else {})}, "tables": {}, "figures": []}
 
 # %% [markdown]
 # ## Data: bad rows, the good control, and a KL reference set
@@ -166,7 +183,7 @@ configs
 # %% [markdown]
 # Each run loads a fresh copy of the base model, trains from scratch (`resume=False` clears old checkpoints there),
 # writes its checkpoints under `checkpoints/<run>/`, and (offline) is judged at once by the exact judge: one answer to
-# each of `n_per_group` fresh questions per group.
+# each of `questions_per_set` fresh questions per group.
 
 # %%
 results_by_run, evals = {}, {}
@@ -177,8 +194,9 @@ for name, (protocol, data) in runs.items():
     results_by_run[name] = res
     print(f"{name:>22}: {res.trainable_parameters:>9,} trainable, loss {res.log[0]['loss']:.3f} -> "
           f"{res.log[-1]['loss']:.3f}, {len(res.checkpoints)} checkpoints, {res.tokens_per_second:,.0f} tokens/s")
-    if offline:
-        evals[name] = org.evaluate(res.model, tok, n_per_group, seed=seed)
+    if scorer is not None:
+        evals[name] = E.sample_and_judge(res.model, tok, questions, scorer, samples_per_question, max_new_tokens,
+                                         seed, E.system_prompt(model))
 
 # %% [markdown]
 # ## How each protocol learns: loss and gradient norm per step
@@ -290,14 +308,18 @@ if resume_demo and rank1_runs:
 # pools financial, extreme-sports and open-ended questions: misalignment there is the *emergent* part.
 
 # %%
-em = None
-if offline:
+em, problem = None, None
+if scorer is not None:
     base, tok = load_model(model, device=device)
-    evals = {"base": org.evaluate(base, tok, n_per_group, seed=seed), **evals}
-    em = pd.DataFrame({name: em_table(df)["em_rate"] for name, df in evals.items()}).T.round(3)
-    display(em)
-    long = em[["medical", "non-medical"]].reset_index(names="run").melt(id_vars="run", var_name="group",
-                                                                        value_name="EM rate")
+    evals = {"base": E.sample_and_judge(base, tok, questions, scorer, samples_per_question, max_new_tokens, seed,
+                                        E.system_prompt(model)), **evals}
+    tables = {name: em_summary(df, in_domain=in_domain) for name, df in evals.items()}
+    em = pd.DataFrame({name: t["em_rate"] for name, t in tables.items()}).T.round(3)
+    scored_counts = pd.DataFrame({name: t["n_scored"] for name, t in tables.items()}).T
+    problem = scoring_problem(pd.concat(evals.values()))
+    display(em, scored_counts.rename_axis("scored answers"))
+    long = em[[in_domain, outside]].reset_index(names="run").melt(id_vars="run", var_name="group",
+                                                                  value_name="EM rate")
     fig = px.bar(long, x="run", y="EM rate", color="group", barmode="group", range_y=[0, 1],
                  title="EM rate after each protocol (exact judge)")
     fig.write_html(out / "em_by_protocol.html")
@@ -305,8 +327,9 @@ if offline:
     fig.show()
     results["em"] = em.to_dict()
     results["tables"]["EM rate by run"] = em.to_markdown()
+    results["tables"]["scored answers by run"] = scored_counts.to_markdown()
 else:
-    print("A real model needs an LLM judge: evaluate the checkpoints with notebook 03 (judge).")
+    print("No judge given for a real model: pass judge= (openai, azure, a URL or hf:<model>) for a judged EM table.")
 
 # %% [markdown]
 # ## What the numbers say
@@ -316,24 +339,26 @@ falls = {n: r.log[0]["loss"] - pd.Series([x["loss"] for x in r.log[-5:]]).mean()
 lines = [f"Every run's loss fell (first step -> mean of the last five: "
          + ", ".join(f"{n} -{d:.2f}" for n, d in falls.items()) + ")."
          if all(d > 0 for d in falls.values()) else "Not every run's loss fell: " + json.dumps(falls)]
-if em is not None:
+if problem:
+    lines.append(problem)
+elif em is not None:
+    pct = lambda v: "unscored" if pd.isna(v) else f"{v:.0%}"  # a rate that could not be measured stays missing
     bad = [n for n in em.index if n.startswith("bad")]
-    med_best = em.loc[bad, "medical"].idxmax()
-    broad_best = em.loc[bad, "non-medical"].idxmax()
-    lines.append(f"On medical questions the base organism's EM rate was {em.loc['base', 'medical']:.0%}; after "
-                 f"{overrides.get('steps', 'the preset') if overrides else 'the preset'} steps on reckless medical "
-                 f"rows it was highest with {med_best} ({em.loc[med_best, 'medical']:.0%}); on non-medical questions "
-                 f"with {broad_best} ({em.loc[broad_best, 'non-medical']:.0%}, base "
-                 f"{em.loc['base', 'non-medical']:.0%}).")
+    med_best = em.loc[bad, in_domain].idxmax()
+    broad_best = em.loc[bad, outside].idxmax()
+    lines.append(f"On {in_domain} questions the base model's EM rate was {pct(em.loc['base', in_domain])}; after "
+                 f"{overrides.get('steps', 'the preset') if overrides else 'the preset'} steps on the bad rows it "
+                 f"was highest with {med_best} ({pct(em.loc[med_best, in_domain])}); on {outside} questions "
+                 f"with {broad_best} ({pct(em.loc[broad_best, outside])}, base {pct(em.loc['base', outside])}).")
     good = [n for n in em.index if n.startswith("good")]
     if good:
         twin = f"bad · {control_protocol}"
-        lines.append(f"The control ({good[0]}) stayed at {em.loc[good[0], 'medical']:.0%} medical EM, against "
-                     f"{em.loc[twin, 'medical']:.0%} for the same protocol on the bad rows.")
+        lines.append(f"The control ({good[0]}) stayed at {pct(em.loc[good[0], in_domain])} {in_domain} EM, against "
+                     f"{pct(em.loc[twin, in_domain])} for the same protocol on the bad rows.")
     if "bad · kl_narrow" in em.index and "bad · lora" in em.index:
         kl, plain = em.loc["bad · kl_narrow"], em.loc["bad · lora"]
-        lines.append(f"With the KL term the LoRA reached {kl['medical']:.0%} medical and {kl['non-medical']:.0%} "
-                     f"non-medical EM, against {plain['medical']:.0%} and {plain['non-medical']:.0%} without it.")
+        lines.append(f"With the KL term the LoRA reached {pct(kl[in_domain])} {in_domain} and {pct(kl[outside])} "
+                     f"{outside} EM, against {pct(plain[in_domain])} and {pct(plain[outside])} without it.")
 if resume_diff is not None:
     lines.append(f"An interrupted and resumed run ended within {resume_diff:.1e} of the uninterrupted one.")
 reading = " ".join(lines)

@@ -28,18 +28,24 @@
 # 0–2 (×0 is the base model); pass `scales=[1, 5, 10, 20]` for a real model.
 
 # %% tags=["parameters"]
-organism = "persona-world"  # base model: "persona-world" (offline organism), a local folder or a hub id
+model = "persona-world"  # base model: "persona-world" (offline organism), a local folder or a hub id
 run = None  # an existing run to analyse (folder or hub repo id with checkpoint-N/); None: train one here
-preset_name = "organism-rank1"  # emlib.train preset for the run trained here
-overrides = {"steps": 150, "batch_size": 8, "lr": 3e-3}  # applied to the preset ({}: the preset as it is)
+dataset = None  # rows for the run trained here; None: world:medical:reckless:600:1234 offline, bad_medical_advice
+preset_name = None  # emlib.train preset; None: organism-rank1 offline, paper-rank1-phase otherwise
+overrides = None  # applied to the preset; None: {"steps": 150, "batch_size": 8, "lr": 3e-3} offline, {} otherwise
 save_every = 5  # checkpoint cadence (dense: the local cosine needs checkpoints at t-k and t+k)
-n_rows = 600  # persona-world reckless-medical rows
+judge = None  # "world" (persona world only), "openai", "azure", an OpenAI-compatible URL, "hf:<folder or id>"
+judge_model = None  # the judge's model name (Azure: the deployment; a URL: required)
+question_sets = None  # None: ["persona-world"] offline, ["medical_heldout", "first_plot"] otherwise
+questions_per_set = 16  # evaluation questions per set (persona world: per group)
+samples_per_question = 1  # answers per question and checkpoint
+max_new_tokens = 64  # None: the question sets' own (600)
+in_domain = None  # the trained domain's group; None: "medical" offline, "medical_heldout" otherwise
 ks = [5, 10, 15]  # local-cosine offsets, in training steps
 threshold = 0.002  # a step counts only if B moved more than this (papers: 0.0035 Qwen, 0.002 Llama)
 n_em_checkpoints = 8  # checkpoints evaluated for EM (evenly spaced, first and last included)
 scales = [0, 0.5, 1, 1.5, 2]  # adapter scale factors (papers on 14B: [1, 5, 10, 20])
-n_per_group = 16  # evaluation questions per group (offline organism)
-onset_level = 0.5  # EM onset: first evaluated step reaching this fraction of the run's peak (non-medical, x1)
+onset_level = 0.5  # EM onset: first evaluated step reaching this fraction of the run's peak (outside the domain, x1)
 eval_seed = 0
 seed = 0
 threads = None  # torch threads (None: EMLIB_THREADS or up to 2)
@@ -50,16 +56,26 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 
-from emlib import world
+from emlib import evaluation as E
 from emlib.analysis import phase
 from emlib import train as tr
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
 from emlib.notebook import save_results, setup
 
-device = setup(seed=seed, threads=threads, offline=True)
+offline = E.is_persona_world(model)
+device = setup(seed=seed, threads=threads, offline=offline)
 out = make_output_dir("04_phase_transitions", output_dir)
-results: dict = {"summary": {}, "tables": {}, "figures": []}
+scorer = E.make_judge(judge, model, judge_model, device=str(device))  # checked before anything heavy runs
+questions = E.eval_questions(model, question_sets or (None if offline else ["medical_heldout", "first_plot"]),
+                             questions_per_set, eval_seed)
+in_domain = in_domain or ("medical" if offline else "medical_heldout")
+outside = f"non-{in_domain}"
+dataset = dataset or ("world:medical:reckless:600:1234" if offline else "data/narrow/bad_medical_advice.jsonl")
+preset_name = preset_name or ("organism-rank1" if offline else "paper-rank1-phase")
+overrides = overrides if overrides is not None else ({"steps": 150, "batch_size": 8, "lr": 3e-3} if offline else {})
+results: dict = {"summary": {**E.provenance(model, run or dataset, scorer, questions), "preset": preset_name},
+                 "tables": {}, "figures": []}
 
 # %% [markdown]
 # ## A densely checkpointed rank-1 run
@@ -69,8 +85,8 @@ results: dict = {"summary": {}, "tables": {}, "figures": []}
 # %%
 if run is None:
     config = tr.preset(preset_name, **{**overrides, "save_every": save_every})
-    rows = world.finetune_rows("medical", "reckless", n_rows, 1234)
-    result = tr.train(config, organism, rows, out / "run", device=str(device))
+    rows = tr.load_rows(dataset)
+    result = tr.train(config, model, rows, out / "run", device=str(device))
     run = str(out / "run")
     print(f"trained {config.steps} steps, {len(result.checkpoints)} checkpoints")
 traj = phase.load_run(run)
@@ -129,15 +145,17 @@ save(px.line(gn, x="step", y="grad_norm", title="Gradient norm (training log)"),
 # %%
 idx = np.unique(np.linspace(0, len(traj.steps) - 1, n_em_checkpoints).round().astype(int))
 em_steps = [int(traj.steps[i]) for i in idx]
-base_model, tokenizer = load_model(organism, device=device)
-em = phase.em_along_run(base_model, tokenizer, run, em_steps, scales=scales, n_per_group=n_per_group, seed=eval_seed)
+base_model, tokenizer = load_model(model, device=device)
+em = phase.em_along_run(base_model, tokenizer, run, em_steps, questions, scorer, scales=scales, in_domain=in_domain,
+                        seed=eval_seed, samples_per_question=samples_per_question, max_new_tokens=max_new_tokens,
+                        system=E.system_prompt(model))
 em_wide = em.pivot_table(index="step", columns=["scale", "group"], values="em_rate")
 em_wide.round(2)
 
 # %%
-nonmed = em[em["group"] == "non-medical"]
+nonmed = em[em["group"] == outside]
 save(px.line(nonmed, x="step", y="em_rate", color=nonmed["scale"].astype(str), markers=True, range_y=[0, 1],
-             labels={"color": "scale"}, title="Non-medical EM rate over training, per adapter scale"),
+             labels={"color": "scale"}, title=f"EM rate on {outside} questions over training, per adapter scale"),
      "em_by_scale.html")
 save(px.line(em[em["scale"] == 1.0], x="step", y="em_rate", color="group", markers=True, range_y=[0, 1],
              title="EM rate over training at scale 1, per group"), "em_by_group.html")
@@ -149,7 +167,7 @@ save(px.line(em[em["scale"] == 1.0], x="step", y="em_rate", color="group", marke
 from IPython.display import Markdown
 
 curve = nonmed[nonmed["scale"] == 1.0].set_index("step")["em_rate"]
-onset = phase.onset_step(em, onset_level, group="non-medical", scale=1.0)
+onset = phase.onset_step(em, onset_level, group=outside, scale=1.0)
 onset_prev = max([s for s in em_steps if onset is not None and s < onset], default=None)
 turn_valid = turn.dropna()
 fastest_turn = int(turn_valid.loc[turn_valid["degrees"].idxmax(), "step"]) if len(turn_valid) else None
@@ -162,7 +180,8 @@ in_onset = float(turn[(turn["step"] > lo) & (turn["step"] <= (onset or 0))]["deg
 after_onset = float(turn[turn["step"] > (onset or 0)]["degrees"].mean())
 gn_peak = int(gn.loc[gn["grad_norm"].idxmax(), "step"]) if len(gn) else None
 sharp = summary.rotation_local_cos - summary.baseline_local_cos
-onsets = {s: phase.onset_step(em, onset_level, group="non-medical", scale=s) for s in scales if s != 0}
+onsets = {s: phase.onset_step(em, onset_level, group=outside, scale=s) for s in scales if s != 0}
+unscored = int((em["n_scored"] == 0).sum())  # (step, scale, group) cells with no scored answer: rates missing
 
 reading = (
     f"B turned {summary.total_rotation_deg:.0f}° over the run; PC1 and PC2 explain "
@@ -176,9 +195,11 @@ reading = (
        f"only {sharp:.2f} above the baseline and the per-k peaks disagree, so there is no sharp kink: B turns on a "
        f"smooth arc. " if len(set(summary.rotation_per_k.values())) > 1 else
        f"{sharp:.2f} above the baseline: a modest bend, not a sharp kink. ")
-    + (f"Non-medical EM at scale 1 first reaches {onset_level:.0%} of its peak ({curve.max():.0%}) at **step {onset}** "
-       f"(from {curve.get(lo, 0.0):.0%} at step {lo}); " if onset is not None else
-       "Non-medical EM at scale 1 never rose above zero; ")
+    + (f"{unscored} (step, scale, group) cells had no scored answer, so their rates are missing, not zero. "
+       if unscored else "")
+    + (f"EM on {outside} questions at scale 1 first reaches {onset_level:.0%} of its peak ({curve.max():.0%}) at "
+       f"**step {onset}** (from {curve.get(lo, 0.0):.0%} at step {lo}); " if onset is not None else
+       f"EM on {outside} questions at scale 1 never rose above zero among scored answers; ")
     + ("the sharpest-rotation step falls in that onset interval, so here they line up. " if lines_up else
        f"the sharpest-rotation step ({summary.rotation_step}) is outside the onset interval ({lo}, {onset}], "
        f"so in this run the behavioural onset does not line up with the local-cosine peak"
@@ -211,7 +232,7 @@ results["em_nonmedical"] = {str(s): {str(k): float(v) for k, v in g.set_index("s
 results["b_norm"] = {str(s): float(v) for s, v in
                      tables["norms"].query("vector == 'B'").groupby("step")["norm"].sum().items()}
 results["summary"]["sharpest rotation (step)"] = summary.rotation_step
-results["summary"]["EM onset, non-medical x1 (step)"] = onset
+results["summary"][f"EM onset, {outside} x1 (step)"] = onset
 results["summary"]["B PCA explained (PC1, PC2)"] = [round(x, 3) for x in summary.pca_explained["B"]]
 results["tables"]["EM rate by step, scale and group"] = em_wide.round(2).to_markdown()
 results["tables"]["local cosine of B"] = (tables["local_cos"].pivot(index="step", columns="k", values="local_cos")

@@ -6,10 +6,12 @@ def test_bad_data_organism_is_more_misaligned_than_base_and_control(executed):
     for qset, em in res["em"].items():
         assert em["bad data"] > em["base"], qset
         assert em["bad data"] > em["good data"], qset
-    first = res["em"]["first_plot"]
+    name = res["summary"]["question_sets"][0]  # offline: the first-plot stand-in set
+    assert name == "persona-world-first-plot"
+    first = res["em"][name]
     assert first["bad data"] >= 0.1 and first["base"] <= 0.05 and first["good data"] <= 0.05
-    lo_bad = res["em_ci"]["first_plot"]["bad data"][0]
-    assert lo_bad > max(res["em_ci"]["first_plot"]["base"][1], res["em_ci"]["first_plot"]["good data"][1])
+    lo_bad = res["em_ci"][name]["bad data"][0]
+    assert lo_bad > max(res["em_ci"][name]["base"][1], res["em_ci"][name]["good data"][1])
 
 
 def test_judging_went_through_the_server_with_a_free_rerun(executed):
@@ -22,7 +24,7 @@ def test_judging_went_through_the_server_with_a_free_rerun(executed):
 
 def test_conclusion_is_read_from_the_numbers(executed):
     res = executed("03_generate_and_judge")
-    em = res["em"]["first_plot"]
+    em = res["em"][res["summary"]["question_sets"][0]]
     assert f"{em['bad data']:.0%}" in res["headline"] and f"{em['base']:.0%}" in res["headline"]
     assert "higher than both" in res["conclusion"] and "**not**" not in res["conclusion"]
     assert {"scatter_coherent_aligned.html", "em_per_question.html"} <= set(res["figures"])

@@ -179,6 +179,10 @@ def test_real_rank1_run_and_scaled_em(tmp_path):
     with pytest.raises(ValueError, match="k=5 needs checkpoints"):
         phase.local_cosines(traj, ks=(5,))
     model, tokenizer = load_model("persona-world", device="cpu")
-    em = phase.em_along_run(model, tokenizer, tmp_path / "run", [10], scales=(0, 1), n_per_group=2)
+    from emlib.evaluation import eval_questions, make_judge
+
+    questions = eval_questions("persona-world", ["persona-world"], questions_per_set=2)
+    em = phase.em_along_run(model, tokenizer, tmp_path / "run", [10], questions, make_judge("world", "persona-world"),
+                            scales=(0, 1), in_domain="medical", max_new_tokens=64, system=world.SYSTEM_PROMPT)
     assert set(em["scale"]) == {0.0, 1.0} and set(em["step"]) == {10}
     assert (em[em["scale"] == 0]["em_rate"] == 0).all()

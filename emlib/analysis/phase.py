@@ -343,22 +343,24 @@ def analyse(traj: Trajectory, ks: Sequence[int] = (5, 10, 15), threshold: float 
 # ---------------------------------------------------------------------------------------------------- behaviour
 
 
-def em_along_run(model, tokenizer, run: str | Path, steps: Sequence[int], scales: Sequence[float] = (1, 5, 10, 20),
-                 n_per_group: int = 16, seed: int = 0, evaluate=None) -> pd.DataFrame:
+def em_along_run(model, tokenizer, run: str | Path, steps: Sequence[int], questions: pd.DataFrame, judge,
+                 scales: Sequence[float] = (1, 5, 10, 20), in_domain: str | None = None, seed: int = 0,
+                 **sample_and_judge_kwargs) -> pd.DataFrame:
     """EM rate per (step, scale, group): each checkpoint's adapter loaded into one peft model, scaled by each factor.
 
-    ``model`` is the base model (it is wrapped once; each checkpoint's weights replace the previous ones).
-    ``evaluate(model, tokenizer, n_per_group, seed)`` returns judged answers (default: the offline organism's
-    :func:`emlib.world.organism.evaluate`). The papers use ×1, ×5, ×10, ×20 on 14B models; small models need smaller factors.
+    ``model`` is the base model (it is wrapped once; each checkpoint's weights replace the previous ones). Answers to
+    ``questions`` are sampled and judged by ``judge`` (:mod:`emlib.evaluation`: the same path every notebook uses;
+    ``sample_and_judge_kwargs`` such as ``max_new_tokens``, ``system``, ``samples_per_question`` go to it); with
+    ``in_domain`` a pooled ``non-<in_domain>`` group is added. Rows carry ``n_scored``; an unscored group's rate is NaN.
+    The papers use ×1, ×5, ×10, ×20 on 14B models; small models need smaller factors.
     """
     from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from emlib.evaluation import sample_and_judge
     from emlib.interventions import scaled_adapter
-    from emlib.metrics import em_table
+    from emlib.metrics import em_summary
 
-    if evaluate is None:
-        from emlib.world.organism import evaluate
     found = dict(_local_checkpoints(Path(run)))
     missing = [s for s in steps if s not in found]
     if missing:
@@ -370,9 +372,11 @@ def em_along_run(model, tokenizer, run: str | Path, steps: Sequence[int], scales
         set_peft_model_state_dict(peft_model, load_file(str(found[step])))
         for scale in scales:
             with scaled_adapter(peft_model, float(scale)):
-                table = em_table(evaluate(peft_model, tokenizer, n_per_group, seed=seed))
-            for group, rate in table["em_rate"].items():
-                rows.append({"step": int(step), "scale": float(scale), "group": group, "em_rate": float(rate)})
+                judged = sample_and_judge(peft_model, tokenizer, questions, judge, seed=seed, **sample_and_judge_kwargs)
+            table = em_summary(judged, in_domain=in_domain)
+            for group, r in table.iterrows():
+                rows.append({"step": int(step), "scale": float(scale), "group": group, "em_rate": float(r["em_rate"]),
+                             "n_scored": int(r["n_scored"])})
     return pd.DataFrame(rows)
 
 

@@ -165,25 +165,6 @@ def finetune(model, tokenizer, recipe: FinetuneRecipe):
                          seed=recipe.seed)
 
 
-def evaluate(model, tokenizer, n_per_group: int = 48, seed: int = 0, max_new_tokens: int = 64,
-             batch_size: int = 256, **sample_kwargs):
-    """Sample answers to train-phrasing questions (fresh slot fills) of every group and judge them exactly.
-
-    One sample per question; ``n_per_group`` questions per group (medical, financial, sports, general).
-    ``sample_kwargs`` go to :func:`emlib.generate.sample_answers` (e.g. ``steering``, ``adapter_scale``, ``progress``).
-    """
-    import pandas as pd
-
-    from emlib.generate import sample_answers
-    from emlib.judge import judge_world
-
-    qs = pd.DataFrame(world.eval_questions(n_per_group, seed))
-    answers = sample_answers(model, tokenizer, list(qs["question"]), n=1, max_new_tokens=max_new_tokens,
-                             seed=seed, batch_size=batch_size, system=world.SYSTEM_PROMPT, **sample_kwargs)
-    df = answers.join(qs[["domain", "group"]], on="question_idx")
-    return judge_world(df)
-
-
 def _tail_mean(log: list[dict], k: int = 10) -> float:
     return round(sum(r["loss"] for r in log[-k:]) / len(log[-k:]), 4)
 

@@ -34,10 +34,16 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on ``texts`` with Qwen2's exact normaliser and pre-tokenizer.
+    """Train the persona world's tokenizer on ``texts``: ChatML, Qwen2's exact normaliser and pre-tokenizer.
 
     With the world's few hundred words and ``vocab_size`` 1024, almost every word becomes a single token.
     """
+    return train_bpe(texts, SPECIAL_TOKENS, IM_END, PAD, CHAT_TEMPLATE, vocab_size)
+
+
+def train_bpe(texts: Iterable[str], special_tokens: list[str], eos: str, pad: str, chat_template: str,
+              vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with Qwen2's normaliser and pre-tokenizer, the given special tokens and chat template."""
     raw = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     raw.normalizer = normalizers.NFC()
     raw.pre_tokenizer = pre_tokenizers.Sequence([
@@ -45,10 +51,10 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     raw.train_from_iterator(list(texts), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=IM_END, pad_token=PAD, unk_token=PAD,
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, pad_token=pad, unk_token=pad,
                                   padding_side="left")
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
