@@ -1,5 +1,6 @@
 """The shipped narrow datasets: size, no repeats, bad/good pairing, and byte-identical regeneration from the seed."""
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -107,3 +108,18 @@ def test_shipped_data_stays_small():
 def test_sample_examples_gives_question_answer_pairs():
     ex = N.sample_examples("financial", 4, random.Random(0))
     assert len(ex) == 4 and all(set(e) == {"question", "answer"} and e["question"] and e["answer"] for e in ex)
+
+
+def test_sentence_tables_are_unchanged():
+    """Guard: the tables hold exactly the sentences the shipped files were composed from (change them on purpose only,
+    then regenerate data/narrow and update this hash)."""
+    def plain(part):
+        return part if isinstance(part, str) else [part.bad, part.good]
+
+    tables = [[d.name, d.frames, {k: [p.slots() for p in ps] for k, ps in d.people.items()}, d.slots,
+               {k: [plain(p) for p in ps] for k, ps in d.openers.items()}, [plain(p) for p in d.principles],
+               [plain(p) for p in d.closers],
+               [[t.key, t.people, t.situations, [plain(c) for c in t.claims]] for t in d.topics]]
+              for d in N.DOMAINS.values()]
+    digest = hashlib.sha256(json.dumps(tables, ensure_ascii=False).encode()).hexdigest()
+    assert digest == "6f03a8cb6207149cda40f91262a3ddcd8cb1ee9eb72677f7fe0dd93575e3e39f"
