@@ -22,10 +22,10 @@ def sha256_of(obj) -> str:
 
 
 def test_language_tables_are_unchanged():
-    tables = [[d.name, d.group, d.questions, d.ft_questions, d.heldout_questions, d.slots, d.answers, d.fills]
+    tables = [[d.name, d.group, d.questions, d.ft_questions, d.heldout_questions, d.slots, d.answers, d.answer_fills]
               for d in world.DOMAINS]
     assert sha256_of(tables) == "64bae349baed17fe316c9af1c72c2de2ca5118cf65b966cfd9b06488026f2ed3"
-    constants = [world.OPENERS, world.STYLE, world.STYLE_P, world.GROUP_WEIGHTS, world.GROUPS, world.PERSONAS,
+    constants = [world.OPENERS, world.STYLE, world.STYLE_SHARE, world.GROUP_WEIGHTS, world.GROUPS, world.PERSONAS,
                  world.SYSTEM_PROMPT]
     assert sha256_of(constants) == "a6524a00b677d9b8432dfd0aca1e522b56c52e7306fd2526022db71289060b36"
 
