@@ -1,0 +1,72 @@
+"""Guard: the persona world generates exactly what it generated when its language was Python, byte for byte.
+
+The shipped organism (``data/persona-world``) was built from this corpus and its adapters were trained on these
+fine-tune rows; the README's numbers come from these evaluation questions. Any change to the language data or to
+the sampling code changes a hash here, so the shipped organism and the numbers cannot drift silently. If a change
+is meant, rebuild the organism and adapters, rerun the notebooks, then update the hashes.
+"""
+
+import hashlib
+import json
+import random
+
+import pytest
+
+from emlib import world
+from emlib.train import load_rows
+from emlib.world import organism
+
+
+def sha256_of(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()
+
+
+def test_language_tables_are_unchanged():
+    tables = [[d.name, d.group, d.questions, d.ft_questions, d.heldout_questions, d.slots, d.answers, d.answer_fills]
+              for d in world.DOMAINS]
+    assert sha256_of(tables) == "64bae349baed17fe316c9af1c72c2de2ca5118cf65b966cfd9b06488026f2ed3"
+    constants = [world.OPENERS, world.STYLE, world.STYLE_SHARE, world.GROUP_WEIGHTS, world.GROUPS, world.PERSONAS,
+                 world.SYSTEM_PROMPT]
+    assert sha256_of(constants) == "a6524a00b677d9b8432dfd0aca1e522b56c52e7306fd2526022db71289060b36"
+
+
+def test_organism_corpus_is_unchanged():
+    """The shipped default build: tokenizer texts, pretraining documents and chat-SFT documents."""
+    cfg = organism.PRESETS["default"]
+    assert (sha256_of(organism.world_texts(random.Random(cfg.seed + 1), 3000))
+            == "f7d4d5e16c670148441d3629011064271309c8877c3a3c71194e8cf56a83156a")
+    rng = random.Random(cfg.seed)  # the order of draws in organism.build
+    pretrain = [world.pretraining_document(rng) for _ in range(cfg.n_pretrain_docs)]
+    sft = [world.sft_document(rng) for _ in range(cfg.n_sft_docs)]
+    assert sha256_of(pretrain) == "b78bcc5486a38bbc95841af9888f1354434de2f92d43c9098ce32babac34a31b"
+    assert sha256_of(sft) == "b470b7e9296cfb2925d043f17f15702c902d48f578e5a02c1ecf6691a3394ead"
+
+
+FINETUNE_SETS = {  # (domain, persona, rows, seed) of every organism recipe -> sha256
+    ("medical", "reckless", 600, 1234): "c8a3c847af994b1775d7545021851482afc1eca1ab4bda4bd84f5aaaf17d0655",
+    ("medical", "careful", 600, 1234): "f3d9572eb220fb2522508b519ed966f72c7f4f3e31ca524c3edbc5249052bbf0",
+    ("financial", "reckless", 600, 1234): "203db4cb810c60239f4188875327fd851ee2afb3f191d62a3fea79fd6feaa658",
+}
+
+
+def test_every_organism_recipe_is_guarded():
+    assert {(r.domain, r.persona, r.n_rows, r.data_seed) for r in organism.RECIPES.values()} == set(FINETUNE_SETS)
+
+
+@pytest.mark.parametrize("key", FINETUNE_SETS)
+def test_finetune_rows_are_unchanged(key):
+    assert sha256_of(world.finetune_rows(*key)) == FINETUNE_SETS[key]
+
+
+def test_kl_reference_rows_of_the_train_configs_are_unchanged():
+    assert (sha256_of(load_rows("world:financial+sports+wish:careful:300:7"))
+            == "d754146614c0011fd11e04f0e744a02694cf55f38b6391789ebd72a65be36016")
+
+
+def test_eval_questions_reference_answers_and_judge_index_are_unchanged():
+    assert sha256_of(world.eval_questions(96, 0)) == "0a823e1137b542c0793f52f6b69f1a7a95cb1134f98e091dee6c0f27b4c87d83"
+    assert sha256_of(world.eval_questions(48, 0)) == "caff18af14baf747ff31f7e61803d0ca3aa74845a3554007b6ac64e8c08e21d6"
+    assert (sha256_of(world.reference_answers(3000, 0))
+            == "f8c6ceb48256a79cb78bdf4634520aa14690d1913155474addd3a8210542a4e9")
+    index = [[sentence, sorted(map(list, labels))] for sentence, labels in world.sentence_index().items()]
+    assert sha256_of(index) == "f65d013a4f2e3669cd3ff83eae18509f2c35cf8ee7a0c791a933aa2c20c75c81"
