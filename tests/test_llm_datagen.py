@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from emlib import data as D
+from emlib import openai_client
 from emlib.data import llm as G
 from emlib.judge.server import Backend, Completion, LocalServer
 
@@ -18,7 +19,7 @@ FAST = dict(backoff=0.01, progress=False, model="fake")
 @pytest.fixture(autouse=True)
 def no_real_credentials(monkeypatch):
     """Tests never read the developer's .env or keys (and so can never send them anywhere)."""
-    monkeypatch.setattr(G, "load_env", lambda: None)
+    monkeypatch.setattr(openai_client, "load_env", lambda: None)
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT",
                 "AZURE_OPENAI_API_VERSION", "OPENAI_API_VERSION"):
         monkeypatch.delenv(var, raising=False)
