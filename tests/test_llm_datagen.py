@@ -298,3 +298,22 @@ def test_cli_generates_and_prints_a_summary_without_keys(tmp_path, capsys, monke
     assert code == 0 and len(D.load_chat_jsonl(out)) == 12
     assert "12/12 rows" in printed.out and "target reached" in printed.out
     assert "sk-should-not-print" not in printed.out + printed.err + out.read_text()
+
+
+def test_prompts_come_from_yaml_and_mistakes_name_file_and_key(tmp_path):
+    prompts = G.load_prompts()
+    system, user = spec().messages(0)
+    assert system["content"] == prompts.system and "Write exactly 5 new examples" in user["content"]
+    good = G.PROMPTS_FILE.read_text()
+    for text, match in [("system: hi\n", r"missing key\(s\) \['user'\]"),
+                        (good + "extra: 1\n", r"unknown key\(s\) \['extra'\]"),
+                        (good.replace("{topic}", "{topik}"), r"key 'user' must use exactly the fields.*\['topik'\]"),
+                        (good.replace("Write exactly {n} new", "Write {n} new"), "key 'user' must keep the phrase"),
+                        (good.replace("system: |-", "system: 3\nold: |-"), "unknown key")]:
+        path = tmp_path / "prompts.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match) as info:
+            G.load_prompts(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="not a file and not one of"):
+        G.DatagenSpec.load("prompts")  # the prompts file sits beside the specs but is not one
