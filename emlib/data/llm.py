@@ -382,7 +382,12 @@ async def _call(client, spec: DatagenSpec, i: int, model: str, run: _Run, max_re
     policy = RetryPolicy(max_retries, backoff)
     for attempt in range(max_retries + 1):
         try:
-            return await client.chat.completions.create(**request)
+            response = await client.chat.completions.create(**request)
+            if not isinstance(getattr(response, "choices", None), list):  # a 200 with an HTML page or other text
+                raise CallFailed(f"not a chat completion: {' '.join(str(response).split())[:80]!r}")
+            return response
+        except CallFailed:
+            raise
         except Exception as err:  # noqa: BLE001 (classified by the shared policy just below)
             if openai_client.is_fatal(err):
                 raise
