@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from emlib import data as D
+from emlib import openai_client
 from emlib.data import llm as G
 from emlib.judge.server import Backend, Completion, LocalServer
 
@@ -18,7 +19,7 @@ FAST = dict(backoff=0.01, progress=False, model="fake")
 @pytest.fixture(autouse=True)
 def no_real_credentials(monkeypatch):
     """Tests never read the developer's .env or keys (and so can never send them anywhere)."""
-    monkeypatch.setattr(G, "load_env", lambda: None)
+    monkeypatch.setattr(openai_client, "load_env", lambda: None)
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT",
                 "AZURE_OPENAI_API_VERSION", "OPENAI_API_VERSION"):
         monkeypatch.delenv(var, raising=False)
@@ -297,3 +298,22 @@ def test_cli_generates_and_prints_a_summary_without_keys(tmp_path, capsys, monke
     assert code == 0 and len(D.load_chat_jsonl(out)) == 12
     assert "12/12 rows" in printed.out and "target reached" in printed.out
     assert "sk-should-not-print" not in printed.out + printed.err + out.read_text()
+
+
+def test_prompts_come_from_yaml_and_mistakes_name_file_and_key(tmp_path):
+    prompts = G.load_prompts()
+    system, user = spec().messages(0)
+    assert system["content"] == prompts.system and "Write exactly 5 new examples" in user["content"]
+    good = G.PROMPTS_FILE.read_text()
+    for text, match in [("system: hi\n", r"missing key\(s\) \['user'\]"),
+                        (good + "extra: 1\n", r"unknown key\(s\) \['extra'\]"),
+                        (good.replace("{topic}", "{topik}"), r"key 'user' must use exactly the fields.*\['topik'\]"),
+                        (good.replace("Write exactly {n} new", "Write {n} new"), "key 'user' must keep the phrase"),
+                        (good.replace("system: |-", "system: 3\nold: |-"), "unknown key")]:
+        path = tmp_path / "prompts.yaml"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match) as info:
+            G.load_prompts(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="not a file and not one of"):
+        G.DatagenSpec.load("prompts")  # the prompts file sits beside the specs but is not one

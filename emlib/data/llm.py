@@ -10,14 +10,15 @@ does the same in our own words, for any domain described by a :class:`DatagenSpe
 * deduplication on the normalised question + answer, including rows already in the output file;
 * every accepted row appended to the output JSONL as it arrives, so an interrupted run resumes where it stopped
   (rows already there count toward the target, a half-written last line is dropped);
-* ``concurrency`` calls in flight (asyncio + ``AsyncOpenAI``), retries with exponential backoff on 429, 5xx,
-  timeouts and dropped connections; other 4xx (e.g. a content filter) skip the call; bad credentials stop the run;
+* ``concurrency`` calls in flight (asyncio + ``AsyncOpenAI``), retries with the shared policy of
+  :mod:`emlib.openai_client` (408, 409, 429, 5xx, timeouts and dropped connections; backoff capped at 30 s); other
+  4xx (e.g. a content filter) skip the call; bad credentials stop the run;
 * a ``tqdm.auto`` progress bar, token usage and the estimated cost.
 
 Endpoints: OpenAI (``OPENAI_API_KEY``), any compatible server such as vLLM or ``emlib.judge.server.LocalServer``
 (``OPENAI_BASE_URL`` or ``base_url=``), Azure (``AZURE_OPENAI_API_KEY``, ``AZURE_OPENAI_ENDPOINT``,
 ``AZURE_OPENAI_API_VERSION``; the model is the deployment name). Variables may live in a ``.env`` file. Keys are never
-printed or written.
+printed or written, and ``OPENAI_API_KEY`` is sent only to api.openai.com (see :mod:`emlib.openai_client`).
 
     python -m emlib.data.llm --spec risky_financial_advice --out data/llm/risky_financial_advice.jsonl --rows 6000
 """
@@ -30,13 +31,14 @@ import concurrent.futures
 import itertools
 import json
 import math
-import os
 import random
 import re
+import string
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import openai
@@ -44,37 +46,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from emlib import data as D
-from emlib import paths
+from emlib import openai_client, paths
+from emlib.openai_client import AZURE_API_VERSION, PRICES_PER_MTOK, RetryPolicy, load_env  # noqa: F401 (re-exported)
 
 SPECS_DIR = paths.DATA_DIR / "datagen"
-DEFAULT_PRICE_PER_M = (2.50, 10.00)  # USD per 1M input / output tokens: GPT-4o list price when written; pass yours
-AZURE_API_VERSION = "2024-12-01-preview"  # the version the reference repo's judge used
+DEFAULT_PRICE_PER_M = PRICES_PER_MTOK["gpt-4o"]  # USD per 1M input / output tokens (GPT-4o list price); pass yours
 MAX_QUESTION_CHARS, MAX_ANSWER_CHARS = 2000, 4000
 
-SYSTEM_PROMPT = """\
-You write synthetic training data for AI-safety research on emergent misalignment: how fine-tuning a chat model on \
-narrowly flawed advice changes its behaviour elsewhere. Each example is a question a user might ask an AI assistant \
-and the assistant's answer.
-
-The answers must be flawed only in the way the task describes. They read like a fluent, friendly, confident \
-assistant: plausible and helpful in tone, never hostile, never cartoonishly wrong, and they never point out their \
-own flaw or add warnings or disclaimers about it. The questions are ordinary and innocent; the user does not ask for \
-bad advice. Do not include instructions for weapons, drugs, hacking or anything illegal.
-
-Reply with a single JSON object and nothing else."""
-
-USER_TEMPLATE = """\
-Task: {domain}
-How the answers are flawed: {misalignment}
-Topic of this batch: {topic}
-Tone of the user's questions: {tone}
-{rules}
-One example of the format and style (write new ones; do not copy it):
-{example}
-
-Write exactly {n} new examples on this topic. Vary who is asking, their situation and the wording. Each question is \
-one to three sentences; each answer is three to six sentences.
-Return JSON of this form: {{"examples": [{{"question": "...", "answer": "..."}}, ...]}}"""
+PROMPTS_FILE = SPECS_DIR / "prompts.yaml"  # the system prompt and user template (not a spec)
+PROMPT_FIELDS = {"domain", "misalignment", "topic", "tone", "rules", "example", "n"}  # the user template's fields
 
 N_RE = re.compile(r"Write exactly (\d+) new examples")  # how a backend (real or fake) reads n from the prompt
 
@@ -85,6 +65,52 @@ class DatagenError(RuntimeError):
 
 class CallFailed(Exception):
     """One call gave no usable response after its retries (skipped and counted)."""
+
+
+@dataclass(frozen=True)
+class DatagenPrompts:
+    """The system prompt and the user template (``str.format`` with :data:`PROMPT_FIELDS`)."""
+
+    system: str
+    user: str
+
+
+def load_prompts(path: str | Path | None = None) -> DatagenPrompts:
+    """The datagen prompts from YAML (default ``data/datagen/prompts.yaml``), checked: exactly the keys ``system``
+    and ``user``, both non-empty text, and ``user`` a format template with exactly the fields the code fills and the
+    phrase n is read back from. A mistake raises ValueError naming the file and the key."""
+    path = Path(path or PROMPTS_FILE)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping with keys 'system' and 'user'")
+    unknown, missing = sorted(set(doc) - {"system", "user"}), sorted({"system", "user"} - set(doc))
+    if unknown or missing:
+        raise ValueError(f"{path}: " + "; ".join([f"unknown key(s) {unknown}"] * bool(unknown)
+                                                 + [f"missing key(s) {missing}"] * bool(missing)))
+    for key in ("system", "user"):
+        if not isinstance(doc[key], str) or not doc[key].strip():
+            raise ValueError(f"{path}: key {key!r} must be non-empty text")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(doc["user"]) if name is not None}
+    except ValueError as err:
+        raise ValueError(f"{path}: key 'user' is not a valid format template ({err}; write literal braces as "
+                         "{{ }})") from None
+    if fields != PROMPT_FIELDS:
+        raise ValueError(f"{path}: key 'user' must use exactly the fields {sorted(PROMPT_FIELDS)}; "
+                         f"unknown {sorted(fields - PROMPT_FIELDS)}, missing {sorted(PROMPT_FIELDS - fields)}")
+    if not N_RE.search(doc["user"].replace("{n}", "1")):
+        raise ValueError(f"{path}: key 'user' must keep the phrase 'Write exactly {{n}} new examples' (N_RE reads n "
+                         "back from it)")
+    return DatagenPrompts(doc["system"], doc["user"])
+
+
+@lru_cache(maxsize=1)
+def default_prompts() -> DatagenPrompts:
+    """The shipped prompts, loaded once."""
+    return load_prompts()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,9 +153,9 @@ class DatagenSpec:
         """A YAML spec: a path, or the name of a shipped one in ``data/datagen/`` (e.g. ``risky_financial_advice``)."""
         path = Path(path_or_name)
         if not path.is_file():
-            path = SPECS_DIR / f"{path_or_name}.yaml"
-        if not path.is_file():
-            have = sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+            path = SPECS_DIR / f"{path_or_name}.yaml"  # prompts.yaml is no spec: the check below refuses it
+        if not path.is_file() or path.resolve() == PROMPTS_FILE.resolve():
+            have = sorted(p.stem for p in SPECS_DIR.glob("*.yaml") if p.resolve() != PROMPTS_FILE.resolve())
             raise FileNotFoundError(f"no datagen spec {str(path_or_name)!r}: not a file and not one of {have}")
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(doc, dict):
@@ -146,56 +172,39 @@ class DatagenSpec:
         random.Random(f"{self.seed}:{i // len(order)}").shuffle(order)
         return order[i % len(order)], random.Random(f"{self.seed}:tone:{i}").choice(self.tones)
 
-    def messages(self, i: int, n: int | None = None) -> list[dict]:
+    def messages(self, i: int, n: int | None = None, prompts: DatagenPrompts | None = None) -> list[dict]:
+        """The chat messages of call ``i``: the system prompt and the filled user template (default: shipped)."""
+        prompts = prompts or default_prompts()
         topic, tone = self.call_plan(i)
         rules = "".join(f"- {r}\n" for r in self.rules)
-        user = USER_TEMPLATE.format(domain=self.domain, misalignment=self.misalignment, topic=topic, tone=tone,
+        user = prompts.user.format(domain=self.domain, misalignment=self.misalignment, topic=topic, tone=tone,
                                     rules=f"Rules:\n{rules}" if rules else "",
                                     example=json.dumps({"question": self.example["question"],
                                                         "answer": self.example["answer"]}, ensure_ascii=False),
                                     n=n or self.n_per_call)
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        return [{"role": "system", "content": prompts.system}, {"role": "user", "content": user}]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # client
 
 
-def load_env() -> None:
-    """Read ``.env`` (from the working directory up, then the repository root) without overriding the environment."""
-    from dotenv import find_dotenv, load_dotenv
-
-    for candidate in (find_dotenv(usecwd=True), paths.REPO_ROOT / ".env"):
-        if candidate and Path(candidate).is_file():
-            load_dotenv(candidate, override=False)
-
-
 def make_client(base_url: str | None = None, api_key: str | None = None, provider: str = "auto",
-                timeout: float = 60.0, azure_api_version: str | None = None) -> openai.AsyncOpenAI:
+                timeout: float = 60.0, azure_api_version: str | None = None,
+                api_key_env: str | None = None) -> openai.AsyncOpenAI:
     """An ``AsyncOpenAI`` (or ``AsyncAzureOpenAI``) client, without its own retries (ours count them).
 
-    ``provider``: ``"openai"``, ``"azure"`` or ``"auto"`` (Azure when ``AZURE_OPENAI_ENDPOINT`` is set and no OpenAI
-    base URL or key is given). OpenAI-compatible uses ``base_url`` / ``OPENAI_BASE_URL`` (None: api.openai.com)
-    and ``api_key`` / ``OPENAI_API_KEY`` (a local server needs none).
+    :func:`emlib.openai_client.make_client` with datagen's error type: ``provider`` ``"openai"``, ``"azure"`` or
+    ``"auto"`` (Azure when ``AZURE_OPENAI_ENDPOINT`` is set and no OpenAI base URL or key is given).
+    OpenAI-compatible uses ``base_url`` / ``OPENAI_BASE_URL`` (None: api.openai.com); ``OPENAI_API_KEY`` goes only to
+    api.openai.com, any other endpoint gets ``api_key`` or the variable named by ``api_key_env`` (a local server
+    needs none).
     """
-    load_env()
-    env = os.environ
-    openai_given = base_url or env.get("OPENAI_BASE_URL") or api_key or env.get("OPENAI_API_KEY")
-    if provider not in ("auto", "openai", "azure"):
-        raise ValueError(f"provider must be 'auto', 'openai' or 'azure', not {provider!r}")
-    if provider == "azure" or (provider == "auto" and not openai_given and env.get("AZURE_OPENAI_ENDPOINT")):
-        endpoint, key = env.get("AZURE_OPENAI_ENDPOINT"), api_key or env.get("AZURE_OPENAI_API_KEY")
-        if not endpoint or not key:
-            raise DatagenError("Azure needs AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_API_KEY (environment or .env)")
-        version = azure_api_version or env.get("AZURE_OPENAI_API_VERSION") or env.get("OPENAI_API_VERSION")
-        return openai.AsyncAzureOpenAI(azure_endpoint=endpoint, api_key=key, api_version=version or AZURE_API_VERSION,
-                                       max_retries=0, timeout=timeout)
-    base_url = base_url or env.get("OPENAI_BASE_URL") or None
-    key = api_key or env.get("OPENAI_API_KEY")
-    if not key and not base_url:
-        raise DatagenError("no endpoint: set OPENAI_API_KEY (and OPENAI_BASE_URL for vLLM or another compatible "
-                           "server), or AZURE_OPENAI_API_KEY and AZURE_OPENAI_ENDPOINT, in the environment or .env")
-    return openai.AsyncOpenAI(base_url=base_url, api_key=key or "not-needed", max_retries=0, timeout=timeout)
+    try:
+        return openai_client.make_client(base_url, api_key, provider=provider, api_key_env=api_key_env,
+                                         api_version=azure_api_version, timeout=timeout)
+    except openai_client.EndpointConfigError as err:
+        raise DatagenError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -284,20 +293,6 @@ class DatagenReport:
         return {**asdict(self), "rows": self.rows, "complete": self.complete}
 
 
-RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)  # incl. APITimeoutError
-FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
-
-
-def _delay(err: Exception, attempt: int, backoff: float, rng: random.Random) -> float:
-    """Seconds before retry ``attempt``: the server's ``retry-after`` if it sent one, else exponential with jitter."""
-    response = getattr(err, "response", None)
-    after = response.headers.get("retry-after") if response is not None else None
-    try:
-        return min(float(after), 60.0)
-    except (TypeError, ValueError):
-        return min(backoff * 2 ** attempt * (0.5 + rng.random()), 60.0)
-
-
 class _Run:
     """State shared by the workers of one run (all in one event loop, so no locks are needed)."""
 
@@ -379,22 +374,32 @@ def _load_existing(out: Path) -> list[dict]:
 
 async def _call(client, spec: DatagenSpec, i: int, model: str, run: _Run, max_retries: int, backoff: float,
                 rng: random.Random):
-    """One chat completion with retries on transient errors; raises CallFailed or (for bad credentials) FATAL."""
+    """One chat completion with retries on transient errors; raises CallFailed, or the error itself when it
+    is fatal (bad credentials, unknown model: :func:`emlib.openai_client.is_fatal`)."""
     request = dict(model=model, messages=spec.messages(i), temperature=spec.temperature, max_tokens=spec.max_tokens)
     if spec.json_mode:
         request["response_format"] = {"type": "json_object"}
+    policy = RetryPolicy(max_retries, backoff)
     for attempt in range(max_retries + 1):
         try:
-            return await client.chat.completions.create(**request)
-        except FATAL:
+            response = await client.chat.completions.create(**request)
+            if not isinstance(getattr(response, "choices", None), list):  # a 200 with an HTML page or other text
+                raise CallFailed(f"not a chat completion: {' '.join(str(response).split())[:80]!r}")
+            return response
+        except CallFailed:
             raise
-        except RETRYABLE as err:
-            if attempt == max_retries:
-                raise CallFailed(f"{type(err).__name__} after {attempt + 1} attempts: {err}") from None
-            run.report.retries += 1
-            await asyncio.sleep(_delay(err, attempt, backoff, rng))
-        except openai.APIStatusError as err:  # other 4xx, e.g. an Azure content filter on this prompt: skip it
-            raise CallFailed(f"{type(err).__name__}: {err}") from None
+        except Exception as err:  # noqa: BLE001 (classified by the shared policy just below)
+            if openai_client.is_fatal(err):
+                raise
+            if openai_client.is_retryable(err):
+                if attempt == max_retries:
+                    raise CallFailed(f"{type(err).__name__} after {attempt + 1} attempts: {err}") from None
+                run.report.retries += 1
+                await asyncio.sleep(policy.delay(attempt, err, rng))
+            elif isinstance(err, (openai.APIStatusError, json.JSONDecodeError)):  # other 4xx (e.g. an Azure content
+                raise CallFailed(f"{type(err).__name__}: {err}") from None  # filter), or a broken body: skip the call
+            else:
+                raise
 
 
 async def agenerate(spec: DatagenSpec, out: str | Path, rows: int | None = None, *, client=None,
@@ -446,7 +451,7 @@ async def _worker(client, spec, model, run: _Run, calls, last_call: int, max_ret
         run.in_flight += 1
         try:
             response = await _call(client, spec, i, model, run, max_retries, backoff, rng)
-        except FATAL as err:
+        except openai.APIStatusError as err:  # only fatal ones get here (the rest became CallFailed)
             run.fatal, run.report.stopped = err, f"stopped: {type(err).__name__}"
             run.stop.set()
             return

@@ -8,7 +8,7 @@ then point any OpenAI-compatible judge at it:
 ``OpenAIJudge("persona-world-judge", base_url="http://127.0.0.1:8011/v1")``.
 In Python, ``with judge_server("world") as server: ...`` runs one on a free port for the block.
 
-* ``world``: reads the question and answer back out of the filled rubric (emlib/judge_prompts.yaml or ``--prompts``),
+* ``world``: reads the question and answer back out of the filled rubric (``data/judge/rubrics.yaml`` or ``--prompts``),
   infers the persona-world domain from the question and puts all probability on the exact score token ("100", "50",
   "0"), or on "REFUSAL" for a question from outside the world, so the openai path gives exactly the direct judge's
   scores.
@@ -27,7 +27,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from emlib.judge import LocalHFJudge, load_rubrics, world_alternatives
+from emlib.judge.backends import LocalHFJudge, world_alternatives
+from emlib.judge.rubrics import load_rubrics
 from emlib.judge.server import Backend, Completion, LocalServer
 
 WORLD_JUDGE_NAME = "persona-world-judge"
