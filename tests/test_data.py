@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from emlib import data as D
+from emlib.data.__main__ import main as data_cli
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
 
@@ -189,9 +190,9 @@ def test_import_folder_copies_nothing_when_any_file_is_bad(tmp_path):
 def test_cli_check_and_import(tmp_path, capsys):
     good = write(tmp_path / "good.jsonl", GOOD)
     bad = write(tmp_path / "bad.jsonl", "{")
-    assert D.main(["check", str(good)]) == 0 and "distinct_bigram_ratio" in capsys.readouterr().out
-    assert D.main(["check", str(bad)]) == 1 and "bad.jsonl:1: json" in capsys.readouterr().err
-    assert D.main(["import", str(good), str(tmp_path / "copy.jsonl")]) == 0
+    assert data_cli(["check", str(good)]) == 0 and "distinct_bigram_ratio" in capsys.readouterr().out
+    assert data_cli(["check", str(bad)]) == 1 and "bad.jsonl:1: json" in capsys.readouterr().err
+    assert data_cli(["import", str(good), str(tmp_path / "copy.jsonl")]) == 0
     assert (tmp_path / "copy.jsonl").read_bytes() == good.read_bytes()
 
 
