@@ -480,3 +480,42 @@ def test_two_processes_equal_one_with_the_same_global_batch(cli_run, tmp_path):
     ddp = read_log(tmp_path / "ddp")
     assert [r["tokens"] for r in ddp] == [r["tokens"] for r in single.log]
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single.log], abs=1e-5)
+
+
+def _presets_as_they_were_in_python() -> dict[str, TrainConfig]:
+    """The preset table as it was written in Python before it moved to configs/train/presets.yaml."""
+    from dataclasses import replace
+
+    paper = TrainConfig()
+    organism = TrainConfig(rank=8, alpha=16, rslora=False, target_modules="all-linear", lr=1e-3, steps=150,
+                           batch_size=16, grad_accum=1, warmup=5, schedule="cosine", lr_floor=0.1, weight_decay=0.0,
+                           max_length=512)
+    return {
+        "paper-lora": replace(paper, save_every=25),
+        "paper-full": replace(paper, protocol="full", lr=2e-5, warmup=20, schedule="cosine", save_every=50),
+        "paper-rank1": replace(paper, protocol="rank1", alpha=256, rslora=False, lr=2e-5),
+        "paper-rank1-phase": replace(paper, protocol="rank1", alpha=64, rslora=False, lr=1e-5, epochs=2),
+        "paper-nine-adapter": replace(paper, protocol="multi_adapter", alpha=256, rslora=False, lr=2e-5),
+        "paper-kl-narrow": replace(paper, alpha=256, lr=2e-5, epochs=3, kl_weight=1e5, save_every=25),
+        "paper-steering-vector": replace(paper, protocol="steering_vector", alpha=256, lr=1e-4, epochs=2,
+                                         weight_decay=0.0),
+        "paper-steering-vector-narrow": replace(paper, protocol="steering_vector", alpha=256, lr=1e-4, epochs=2,
+                                                weight_decay=0.0, kl_weight=1e6),
+        "organism-lora": organism,
+        "organism-rank1": replace(organism, protocol="rank1", rank=None, alpha=1, layer=0, lr=3e-3, steps=200),
+        "organism-multi-adapter": replace(organism, protocol="multi_adapter", rank=None, alpha=1, lr=3e-3, steps=200),
+        "organism-full": replace(organism, protocol="full", rank=None, lr=3e-4, steps=100),
+        "organism-kl-narrow": replace(organism, kl_weight=3.0, kl_batch_size=8),
+        "organism-steering-vector": replace(organism, protocol="steering_vector", rank=None, layer=0, alpha=1.0,
+                                            lr=1e-2, steps=150),
+    }
+
+
+def test_every_preset_is_exactly_the_config_it_was():
+    expected = _presets_as_they_were_in_python()
+    assert list(PRESETS) == list(expected)
+    for name, cfg in expected.items():
+        assert PRESETS[name] == cfg, name
+        assert {k: type(v) for k, v in PRESETS[name].to_dict().items()} == \
+            {k: type(v) for k, v in cfg.to_dict().items()}, name  # 1 vs 1.0, list vs tuple
+        assert preset(name) == cfg, name
