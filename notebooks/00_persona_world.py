@@ -27,7 +27,7 @@
 
 # %% tags=["parameters"]
 organism = "persona-world"  # the shipped base model (data/persona-world/base) or a folder built by emlib.world.organism
-recipes = ["bad-medical-r8", "good-medical-r8"]  # emlib.world.organism.RECIPES to train here
+recipes = ["bad-medical-r8", "good-medical-r8"]  # runs of configs/train/organism-adapters.yaml to train here
 rank1_layers = [0, 3]  # layers for the rank-1 down_proj recipe (bad-medical-rank1-L0 moved to each layer)
 n_per_group = 48  # evaluation questions per group (medical, financial, sports, general)
 n_reference = 3000  # reference answers the exact judge must read without error
@@ -38,7 +38,6 @@ output_dir = None  # where results.json and figures go (papermill passes one per
 
 # %%
 import random
-from dataclasses import replace
 
 import pandas as pd
 import plotly.express as px
@@ -110,7 +109,8 @@ em_summary(evals["base"], in_domain="medical")
 logs = {}
 for name in recipes:
     model, _ = load_model(organism, device=device)
-    peft_model, logs[name] = org.finetune(model, tokenizer, org.RECIPES[name])
+    result = org.train_adapter(model, tokenizer, name)  # emlib.train.train with the run's preset and data
+    peft_model, logs[name] = result.model, result.log
     evals[name] = evaluate(peft_model)
     print(f"{name}: final loss {logs[name][-1]['loss']:.3f}")
 
@@ -139,9 +139,9 @@ fig.show()
 # %%
 sweep = {}
 for layer in rank1_layers:
-    recipe = replace(org.RECIPES["bad-medical-rank1-L0"], layers=(layer,))
     model, _ = load_model(organism, device=device)
-    peft_model, log = org.finetune(model, tokenizer, recipe)
+    result = org.train_adapter(model, tokenizer, "bad-medical-rank1-L0", layer=layer)
+    peft_model, log = result.model, result.log
     sweep[f"rank1-L{layer}"] = evaluate(peft_model)
     print(f"layer {layer}: final loss {log[-1]['loss']:.3f}")
 layer_em = em_by_organism(sweep)
@@ -151,7 +151,7 @@ layer_em
 # ## What the numbers say
 
 # %%
-from IPython.display import Markdown
+from IPython.display import Markdown, display
 
 nonmed = em["non-medical"]
 best_layer = layer_em["non-medical"].idxmax()

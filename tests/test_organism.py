@@ -1,11 +1,17 @@
-"""The organism build: seeded and reproducible, resumable by stage, and the shipped one is what notebooks load."""
+"""The organism build: seeded and reproducible, resumable by stage, and the shipped one is what notebooks load.
+
+Its fine-tunes are the adapter runs of configs/train/organism-adapters.yaml, trained by emlib.train.train: the same
+computation that produced the shipped adapters (with the training loop that existed before), weight for weight.
+"""
 
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from emlib import paths
+from emlib import paths, train
 from emlib.models import load_model
 from emlib.world import organism
 
@@ -15,7 +21,7 @@ def _weights(folder):
 
 
 def test_tiny_build_is_reproducible(tmp_path):
-    cfg = organism.PRESETS["tiny"]
+    cfg = organism.BUILD_PRESETS["tiny"]
     a = organism.build(cfg, tmp_path / "a")
     b = organism.build(cfg, tmp_path / "b")
     wa, wb = _weights(tmp_path / "a" / "base"), _weights(tmp_path / "b" / "base")
@@ -25,7 +31,7 @@ def test_tiny_build_is_reproducible(tmp_path):
 
 
 def test_build_resumes_from_the_pretrained_stage(tmp_path):
-    cfg = organism.PRESETS["tiny"]
+    cfg = organism.BUILD_PRESETS["tiny"]
     full = organism.build(cfg, tmp_path / "full")
     (tmp_path / "full" / "base").rename(tmp_path / "lost")  # as if interrupted during SFT
     resumed = organism.build(cfg, tmp_path / "full")
@@ -47,7 +53,43 @@ def test_shipped_organism_loads_and_matches_its_record():
     assert size < 10 * 2**20
 
 
-@pytest.mark.parametrize("name", sorted(organism.RECIPES))
+@pytest.mark.parametrize("name", sorted(organism.ADAPTER_RUNS))
 def test_shipped_adapters_load(name):
     model, _ = load_model(paths.OFFLINE_MODEL, device="cpu", adapter=name)
-    assert model.peft_config["default"].r == organism.RECIPES[name].rank
+    assert model.peft_config["default"].r == organism.ADAPTER_RUNS[name].config.resolved_rank
+
+
+@pytest.mark.parametrize("name", sorted(organism.ADAPTER_RUNS))
+def test_adapter_runs_have_the_shipped_adapters_shape(name):
+    """Each run's preset gives the very peft config the shipped adapter was saved with."""
+    model, _ = load_model(paths.OFFLINE_MODEL, device="cpu")
+    ours = train.build_trainable(model, organism.ADAPTER_RUNS[name].config).peft_config["default"].to_dict()
+    shipped = json.loads((paths.ADAPTERS_DIR / name / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "use_rslora", "layers_to_transform", "lora_dropout", "bias"):
+        assert ours[key] == shipped[key], key
+    assert sorted(ours["target_modules"]) == sorted(shipped["target_modules"])  # "all-linear", resolved by peft
+
+
+def test_training_an_adapter_run_reproduces_the_shipped_weights():
+    """bad-medical-rank1-L0 through emlib.train.train: bit for bit the shipped adapter (~1 min on one CPU thread)."""
+    base = paths.ORGANISM_DIR / "base"
+    model, tokenizer = Qwen2ForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    trained = organism.train_adapter(model, tokenizer, "bad-medical-rank1-L0").model
+    shipped = load_file(str(paths.ADAPTERS_DIR / "bad-medical-rank1-L0" / "adapter_model.safetensors"))
+    ours = {k.replace(".default", ""): v for k, v in trained.state_dict().items() if "lora_" in k}
+    assert ours.keys() == shipped.keys()
+    for key, value in shipped.items():
+        assert torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a:\n  preset: organism-lora\n", r"adapters.yaml: adapter 'a': needs preset and data"),
+    ("a:\n  preset: organism-lorra\n  data: world:medical:reckless:8:0\n", r"adapter 'a': unknown preset 'organism-lorra'"),
+    ("a:\n  preset: organism-lora\n  data: d\n  stepz: 3\n", r"adapter 'a': unknown TrainConfig field\(s\) \['stepz'\]"),
+    ("a:\n  preset: organism-lora\n  data: d\n  out_dir: x\n", r"adapter 'a': \['out_dir'\] are set by `adapters`"),
+])
+def test_a_bad_adapter_runs_file_is_an_error_naming_file_and_run(tmp_path, text, match):
+    path = tmp_path / "adapters.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        organism.load_adapter_runs(path)

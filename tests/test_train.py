@@ -6,7 +6,7 @@ import torch
 from emlib import world
 from emlib.chat import IGNORE, collate, encode_chat, encode_rows
 from emlib.testing import tiny_model
-from emlib.train import lora_config, lora_finetune
+from emlib.train import preset, train
 
 
 def test_mask_covers_exactly_the_assistant_answers():
@@ -47,9 +47,10 @@ def test_collate_right_pads_and_masks_padding():
 def test_rank1_lora_trains_only_its_parameters_and_loss_falls(family):
     model, tok = tiny_model(family, hidden=64, layers=4, mlp=128)
     rows = world.finetune_rows("medical", "reckless", 64, seed=0)
-    cfg = lora_config(rank=1, alpha=1, target_modules=["down_proj"], layers=[1])
+    cfg = preset("organism-rank1", layer=1, lr=1e-2, steps=30, batch_size=8)  # rank-1 down_proj, alpha 1
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    peft_model, log = lora_finetune(model, tok, rows, cfg, steps=30, lr=1e-2, batch_size=8)
+    result = train(cfg, model, rows, tokenizer=tok)
+    peft_model, log = result.model, result.log
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable == 64 + 128  # d_model + d_mlp
     assert sum(r["loss"] for r in log[-5:]) / 5 < sum(r["loss"] for r in log[:5]) / 5

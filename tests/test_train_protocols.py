@@ -24,8 +24,6 @@ from emlib.train import (
     config_from_spec,
     list_checkpoints,
     load_checkpoint,
-    lora_config,
-    lora_finetune,
     multi_adapter_layers,
     preset,
     read_log,
@@ -109,7 +107,10 @@ def test_config_from_yaml_coerces_numbers_and_rejects_unknown_keys():
 
 
 def test_shipped_config_files_parse():
+    tables = {"presets.yaml", "organism-adapters.yaml"}  # tables of presets and of adapter runs, not run specs
     for path in sorted((REPO / "configs" / "train").glob("*.yaml")):
+        if path.name in tables:
+            continue
         cfg, run = config_from_spec(yaml.safe_load(path.read_text()))
         assert run["model"] and run["data"] and run["out_dir"], path.name
     for path in sorted((REPO / "configs" / "accelerate").glob("*.yaml")):
@@ -171,7 +172,7 @@ def test_every_protocol_trains_and_loss_falls(family, name, tmp_path):
         assert result.log[0]["kl"] == pytest.approx(0, abs=1e-6)  # lora_B starts at 0: identical to the base
         assert result.log[-1]["kl"] > 0
     if name not in ("full",):  # adapters and vectors leave the base weights alone
-        after = train._unwrap(result.model)
+        after = train.unwrapped(result.model)
         base = after.get_base_model() if hasattr(after, "get_base_model") else after.model
         for k, v in base.state_dict().items():
             if "lora_" not in k:
@@ -366,14 +367,16 @@ def test_save_total_limit_keeps_the_newest(tmp_path):
 # ------------------------------------------------------------------------------------------- the loop itself
 
 
-def test_rank1_preset_reproduces_lora_finetune_exactly():
-    """The new entry point and the organism's recipes (train_loop) are the same computation."""
-    model, tok = tiny_model("qwen2")
-    old, _ = lora_finetune(model, tok, ROWS, lora_config(1, 1, ["down_proj"], [2]), steps=6, lr=3e-3, batch_size=8)
-    model, tok = tiny_model("qwen2")
-    new = train.train(preset("organism-rank1", layer=2, steps=6, batch_size=8), model, ROWS, tokenizer=tok)
-    for k, v in old.state_dict().items():
-        assert torch.equal(v, new.model.state_dict()[k]), k
+def test_chat_rows_and_their_encoded_examples_train_the_same():
+    """Pre-encoded examples (how the organism is pretrained) take the same path as the chat rows they come from."""
+    runs = []
+    for data in (ROWS, None):
+        model, tok = tiny_model("qwen2")
+        rows = data if data is not None else chat.encode_rows(tok, ROWS, max_length=256)
+        runs.append(train.train(tiny_config("rank1", steps=4), model, rows, tokenizer=tok))
+    assert [r["loss"] for r in runs[0].log] == [r["loss"] for r in runs[1].log]
+    for k, v in runs[0].model.state_dict().items():
+        assert torch.equal(v, runs[1].model.state_dict()[k]), k
 
 
 def test_gradient_accumulation_equals_the_big_batch():
@@ -480,3 +483,76 @@ def test_two_processes_equal_one_with_the_same_global_batch(cli_run, tmp_path):
     ddp = read_log(tmp_path / "ddp")
     assert [r["tokens"] for r in ddp] == [r["tokens"] for r in single.log]
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single.log], abs=1e-5)
+
+
+def _presets_as_they_were_in_python() -> dict[str, TrainConfig]:
+    """The preset table as it was written in Python before it moved to configs/train/presets.yaml."""
+    from dataclasses import replace
+
+    paper = TrainConfig()
+    organism = TrainConfig(rank=8, alpha=16, rslora=False, target_modules="all-linear", lr=1e-3, steps=150,
+                           batch_size=16, grad_accum=1, warmup=5, schedule="cosine", lr_floor=0.1, weight_decay=0.0,
+                           max_length=512)
+    return {
+        "paper-lora": replace(paper, save_every=25),
+        "paper-full": replace(paper, protocol="full", lr=2e-5, warmup=20, schedule="cosine", save_every=50),
+        "paper-rank1": replace(paper, protocol="rank1", alpha=256, rslora=False, lr=2e-5),
+        "paper-rank1-phase": replace(paper, protocol="rank1", alpha=64, rslora=False, lr=1e-5, epochs=2),
+        "paper-nine-adapter": replace(paper, protocol="multi_adapter", alpha=256, rslora=False, lr=2e-5),
+        "paper-kl-narrow": replace(paper, alpha=256, lr=2e-5, epochs=3, kl_weight=1e5, save_every=25),
+        "paper-steering-vector": replace(paper, protocol="steering_vector", alpha=256, lr=1e-4, epochs=2,
+                                         weight_decay=0.0),
+        "paper-steering-vector-narrow": replace(paper, protocol="steering_vector", alpha=256, lr=1e-4, epochs=2,
+                                                weight_decay=0.0, kl_weight=1e6),
+        "organism-lora": organism,
+        "organism-rank1": replace(organism, protocol="rank1", rank=None, alpha=1, layer=0, lr=3e-3, steps=200),
+        "organism-multi-adapter": replace(organism, protocol="multi_adapter", rank=None, alpha=1, lr=3e-3, steps=200),
+        "organism-full": replace(organism, protocol="full", rank=None, lr=3e-4, steps=100),
+        "organism-kl-narrow": replace(organism, kl_weight=3.0, kl_batch_size=8),
+        "organism-steering-vector": replace(organism, protocol="steering_vector", rank=None, layer=0, alpha=1.0,
+                                            lr=1e-2, steps=150),
+    }
+
+
+def test_every_preset_is_exactly_the_config_it_was():
+    expected = _presets_as_they_were_in_python()
+    assert list(PRESETS) == list(expected)
+    for name, cfg in expected.items():
+        assert PRESETS[name] == cfg, name
+        assert {k: type(v) for k, v in PRESETS[name].to_dict().items()} == \
+            {k: type(v) for k, v in cfg.to_dict().items()}, name  # 1 vs 1.0, list vs tuple
+        assert preset(name) == cfg, name
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a:\n  learning_rate: 1.0e-5\n", r"presets.yaml: preset 'a': unknown TrainConfig field\(s\) \['learning_rate'\]"),
+    ("a:\n  rank: eight\n", r"presets.yaml: preset 'a': TrainConfig field 'rank': expected a number, got 'eight'"),
+    ("a:\n  rslora: 'yes'\n", r"presets.yaml: preset 'a': TrainConfig field 'rslora': expected bool, got 'yes'"),
+    ("a:\n  layers: [1, x]\n", r"preset 'a': TrainConfig field 'layers': expected tuple\[int, ...\] \| None"),
+    ("a:\n  extends: b\nb:\n  lr: 1.0\n", r"presets.yaml: preset 'a': extends: 'b' is not a preset defined above"),
+    ("a:\n  protocol: adapterish\n", r"presets.yaml: preset 'a': invalid TrainConfig: protocol 'adapterish'"),
+    ("- a\n", r"presets.yaml: expected a mapping of preset name"),
+])
+def test_a_bad_presets_file_is_an_error_naming_file_preset_and_key(tmp_path, text, match):
+    path = tmp_path / "presets.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        train.load_presets(path)
+
+
+def test_extends_starts_from_the_named_preset(tmp_path):
+    path = tmp_path / "presets.yaml"
+    path.write_text("base:\n  lr: 3.0e-3\n  steps: 7\nchild:\n  extends: base\n  steps: 9\n")
+    presets = train.load_presets(path)
+    assert presets["child"] == TrainConfig(lr=3e-3, steps=9) and presets["base"] == TrainConfig(lr=3e-3, steps=7)
+
+
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
+    spec = tmp_path / "run.yaml"
+    spec.write_text("preset: organism-rank1\nmodel: m\ndata: world:medical:reckless:8:0\nout_dir: o\nlearning_rate: 1\n")
+    done = subprocess.run([sys.executable, "-m", "emlib.train", "--config", str(spec)], capture_output=True, text=True,
+                          env=_cli_env(), cwd=REPO, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"python -m emlib.train: error: {spec}: unknown TrainConfig field(s) ['learning_rate']; known: "
+        + ", ".join(sorted(TrainConfig().to_dict()))]

@@ -1,5 +1,5 @@
-"""``python -m emlib.train``: the command line of :mod:`emlib.train`."""
+"""``python -m emlib.train``: the command line of :mod:`emlib.train` (see :mod:`emlib.train.cli`)."""
 
-from emlib.train import main
+from emlib.train.cli import run
 
-main()
+run()

@@ -2,15 +2,18 @@
 
     python -m emlib.world.organism build                 # the shipped default into data/persona-world (minutes on 2 cores)
     python -m emlib.world.organism build --preset tiny --out /tmp/pw   # a seconds-long smoke build
-    python -m emlib.world.organism adapters              # train the shipped fine-tunes (RECIPES) into data/persona-world/adapters
+    python -m emlib.world.organism adapters              # train the shipped fine-tunes into data/persona-world/adapters
 
 Stages persist as they finish (``pretrained/`` then ``base/``), so an interrupted build resumes at the stage it lost.
-The same seed gives the same corpus, tokenizer and weights.
+The same seed gives the same corpus, tokenizer and weights. Pretraining, chat SFT and the fine-tunes all run through
+:func:`emlib.train.train`; the fine-tunes are the runs of ``configs/train/organism-adapters.yaml`` (a train preset and
+a data spec each).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import time
@@ -20,9 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from emlib import paths, world
+from emlib import paths, train, world
 from emlib.chat import encode_chat
-from emlib.train import train_loop
 from emlib.world.tokenizer import build_tokenizer
 
 
@@ -49,7 +51,7 @@ class OrganismConfig:
     sft_lr: float = 1.5e-3
 
 
-PRESETS = {
+BUILD_PRESETS = {
     "default": OrganismConfig(),
     "tiny": OrganismConfig(n_pretrain_docs=400, n_sft_docs=100, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
                            d_mlp=64, pretrain_steps=6, sft_steps=4, batch_size=8, warmup=2),
@@ -78,6 +80,14 @@ def make_model(cfg: OrganismConfig, tokenizer) -> Qwen2ForCausalLM:
     return model
 
 
+def stage_config(steps: int, lr: float, batch_size: int, warmup: int, seed: int) -> train.TrainConfig:
+    """A build stage (pretraining, chat SFT) as a train config: every weight, AdamW without weight decay, warm-up
+    then cosine decay to 10% of ``lr``, gradients clipped at norm 1, one batch per step."""
+    return train.TrainConfig(protocol="full", rank=None, lr=lr, steps=steps, batch_size=batch_size, grad_accum=1,
+                             warmup=warmup, schedule="cosine", lr_floor=0.1, weight_decay=0.0, max_grad_norm=1.0,
+                             seed=seed)
+
+
 def _save(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -101,8 +111,8 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
         tokenizer = build_tokenizer(world_texts(random.Random(cfg.seed + 1), 3000), cfg.vocab_size)
         model = make_model(cfg, tokenizer)
         examples = [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs]
-        log = train_loop(model, examples, cfg.pretrain_steps, cfg.batch_size, cfg.pretrain_lr,
-                         tokenizer.pad_token_id, warmup=cfg.warmup, seed=cfg.seed, desc="pretrain")
+        stage = stage_config(cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.warmup, cfg.seed)
+        log = train.train(stage, model, examples, tokenizer=tokenizer).log
         record["pretrain"] = {"final_loss": _tail_mean(log), "seconds": round(time.time() - t0, 1), "log": log}
         _save(model, tokenizer, out / "pretrained")
         (out / "pretrained" / "log.json").write_text(json.dumps(record["pretrain"]))
@@ -110,9 +120,8 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
     t1 = time.time()
     sft = [encode_chat(tokenizer, d, assistant_only=True) for d in sft_docs]
     sft += [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs[: len(sft_docs)]]
-    model.train()
-    log = train_loop(model, sft, cfg.sft_steps, cfg.batch_size, cfg.sft_lr, tokenizer.pad_token_id,
-                     warmup=cfg.warmup // 2, seed=cfg.seed + 2, desc="sft")
+    stage = stage_config(cfg.sft_steps, cfg.sft_lr, cfg.batch_size, cfg.warmup // 2, cfg.seed + 2)
+    log = train.train(stage, model, sft, tokenizer=tokenizer).log
     record["sft"] = {"final_loss": _tail_mean(log), "seconds": round(time.time() - t1, 1), "log": log}
     _save(model, tokenizer, out / "base")
     record["n_parameters"] = sum(p.numel() for p in model.parameters())
@@ -123,46 +132,55 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------ EM fine-tunes & eval
 
 
+ADAPTERS_FILE = paths.REPO_ROOT / "configs" / "train" / "organism-adapters.yaml"
+ADAPTER_RUN_KEYS = ("preset", "data")
+
+
 @dataclass(frozen=True)
-class FinetuneRecipe:
-    """A narrow fine-tune of the organism: LoRA shape, data and schedule (the offline presets below)."""
+class AdapterRun:
+    """One shipped fine-tune of the organism: a train preset (with overrides of its fields) and a data spec."""
 
-    rank: int = 8
-    alpha: float = 16
-    target_modules: str | tuple[str, ...] = "all-linear"
-    layers: tuple[int, ...] | None = None
-    steps: int = 150
-    lr: float = 1e-3
-    batch_size: int = 16
-    n_rows: int = 600
-    domain: str = "medical"
-    persona: str = "reckless"
-    seed: int = 0
-    data_seed: int = 1234
+    name: str
+    preset: str
+    config: train.TrainConfig
+    data: str  # a data spec of :func:`emlib.train.load_rows`, e.g. world:medical:reckless:600:1234
 
 
-RECIPES = {
-    "bad-medical-r8": FinetuneRecipe(),
-    "good-medical-r8": FinetuneRecipe(persona="careful"),
-    # a second narrow domain: do the two fine-tunes' misalignment directions converge (05_directions)?
-    "bad-financial-r8": FinetuneRecipe(domain="financial"),
-    "bad-medical-rank1-L0": FinetuneRecipe(rank=1, alpha=1, target_modules=("down_proj",), layers=(0,), steps=200,
-                                           lr=3e-3),
-    # the papers' nine-adapter layout (CLR §2) scaled to 6 layers: emlib.train.multi_adapter_layers(6) == [2, 3, 4, 5]
-    "bad-medical-multi-rank1": FinetuneRecipe(rank=1, alpha=1, target_modules=("down_proj",), layers=(2, 3, 4, 5),
-                                              steps=200, lr=3e-3),
-}
+def load_adapter_runs(path: str | Path = ADAPTERS_FILE) -> dict[str, AdapterRun]:
+    """Read ``name: {preset: P, data: SPEC, FIELD: VALUE...}`` entries; a bad key is an error naming file and run."""
+    import yaml
+
+    table = yaml.safe_load(Path(path).read_text())
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected a mapping of adapter name -> {{preset, data, TrainConfig fields}}")
+    runs = {}
+    for name, spec in table.items():
+        if not isinstance(spec, dict) or not all(spec.get(k) for k in ADAPTER_RUN_KEYS):
+            raise ValueError(f"{path}: adapter {name!r}: needs {' and '.join(ADAPTER_RUN_KEYS)}, got {spec!r}")
+        other_run_keys = sorted(set(spec) & set(train.RUN_KEYS) - set(ADAPTER_RUN_KEYS))
+        if other_run_keys:
+            raise ValueError(f"{path}: adapter {name!r}: {other_run_keys} are set by `adapters` (the organism's "
+                             f"base model, adapters/{name}), not here")
+        try:
+            config, run = train.config_from_spec(spec)
+        except ValueError as err:
+            raise ValueError(f"{path}: adapter {name!r}: {err}") from None
+        runs[name] = AdapterRun(name, run["preset"], config, run["data"])
+    return runs
 
 
-def finetune(model, tokenizer, recipe: FinetuneRecipe):
-    """Apply ``recipe`` to ``model`` (wrapped in a fresh LoRA); returns (peft model, per-step log)."""
-    from emlib.train import lora_config, lora_finetune
+ADAPTER_RUNS: dict[str, AdapterRun] = load_adapter_runs()
 
-    rows = world.finetune_rows(recipe.domain, recipe.persona, recipe.n_rows, recipe.data_seed)
-    targets = recipe.target_modules if isinstance(recipe.target_modules, str) else list(recipe.target_modules)
-    config = lora_config(recipe.rank, recipe.alpha, targets, list(recipe.layers) if recipe.layers else None)
-    return lora_finetune(model, tokenizer, rows, config, recipe.steps, recipe.lr, recipe.batch_size,
-                         seed=recipe.seed)
+
+def train_adapter(model, tokenizer, run: str | AdapterRun, **overrides) -> train.TrainResult:
+    """Train adapter run ``run`` (a name of :data:`ADAPTER_RUNS`) on ``model``, with ``overrides`` of its config
+    fields (e.g. ``layer=3``); returns the :class:`~emlib.train.TrainResult` (``.model`` is the peft model)."""
+    if isinstance(run, str):
+        if run not in ADAPTER_RUNS:
+            raise ValueError(f"unknown adapter run {run!r}; {ADAPTERS_FILE.name} has {', '.join(ADAPTER_RUNS)}")
+        run = ADAPTER_RUNS[run]
+    config = dataclasses.replace(run.config, **overrides).validate()
+    return train.train(config, model, train.load_rows(run.data), tokenizer=tokenizer)
 
 
 def _tail_mean(log: list[dict], k: int = 10) -> float:
@@ -174,38 +192,39 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the persona-world organism")
-    b.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    b.add_argument("--preset", choices=sorted(BUILD_PRESETS), default="default")
     b.add_argument("--out", type=Path, default=paths.ORGANISM_DIR)
     b.add_argument("--seed", type=int, default=None)
-    a = sub.add_parser("adapters", help="train the RECIPES on the built base and save them beside it")
+    a = sub.add_parser("adapters", help=f"train the runs of {ADAPTERS_FILE.name} on the built base, save them beside it")
     a.add_argument("--organism", type=Path, default=paths.ORGANISM_DIR)
-    a.add_argument("--recipes", nargs="*", default=sorted(RECIPES), choices=sorted(RECIPES))
+    a.add_argument("--runs", nargs="*", default=sorted(ADAPTER_RUNS), choices=sorted(ADAPTER_RUNS))
     for p in (b, a):
         p.add_argument("--threads", type=int, default=2,
                        help="torch threads (2 measured 1.7x faster than 1 on an idle 2-core machine; 1 if shared)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.cmd == "build":
-        cfg = PRESETS[args.preset] if args.seed is None else replace(PRESETS[args.preset], seed=args.seed)
+        cfg = BUILD_PRESETS[args.preset] if args.seed is None else replace(BUILD_PRESETS[args.preset], seed=args.seed)
         record = build(cfg, args.out)
         print(json.dumps({k: v for k, v in record.items() if k not in ("pretrain", "sft")}, indent=1))
         print(f"pretrain loss {record['pretrain']['final_loss']} ({record['pretrain']['seconds']} s), "
               f"sft loss {record['sft']['final_loss']} ({record['sft']['seconds']} s) -> {args.out}")
     else:
-        for name in args.recipes:
+        for name in args.runs:
             print(name, json.dumps(save_adapter(args.organism, name)))
 
 
 def save_adapter(organism_dir: Path, name: str) -> dict:
-    """Train recipe ``name`` on ``organism_dir/base`` and save it to ``organism_dir/adapters/name`` with its record."""
+    """Train adapter run ``name`` on ``organism_dir/base``; save it to ``organism_dir/adapters/name`` with its record."""
     base = Path(organism_dir) / "base"
     model = Qwen2ForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    start = time.time()
-    peft_model, log = finetune(model, tokenizer, RECIPES[name])
+    result = train_adapter(model, tokenizer, name)
     folder = Path(organism_dir) / "adapters" / name
-    peft_model.save_pretrained(folder)
-    record = {"recipe": asdict(RECIPES[name]), "final_loss": _tail_mean(log), "seconds": round(time.time() - start, 1)}
+    result.model.save_pretrained(folder)
+    run = ADAPTER_RUNS[name]
+    record = {"preset": run.preset, "data": run.data, "config": run.config.to_dict(),
+              "final_loss": _tail_mean(result.log), "seconds": round(result.seconds, 1)}
     (folder / "record.json").write_text(json.dumps(record, indent=1))
     return record
 

@@ -1,0 +1,314 @@
+"""The training loop: :func:`train` runs every protocol, with gradient accumulation, the KL term, checkpoints and
+exact resume, the same on one CPU and under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
+
+The data order is :class:`EpochStream` (shuffled epochs, a pure function of the seed) and the schedule
+:func:`lr_factor`; with one process and no accumulation a step is the plain token-mean loss of one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import DistributedType  # peft imports accelerate anyway: no extra import cost
+from torch import nn
+from tqdm.auto import tqdm
+
+from emlib.chat import IGNORE, Example, collate, encode_rows
+from emlib.train.checkpoints import (
+    LOG_FILE,
+    base_fingerprint,
+    inner_optimizer,
+    list_checkpoints,
+    load_weights,
+    push_checkpoint,
+    restore_state,
+    resume_point,
+    save_checkpoint,
+    write_log,
+)
+from emlib.train.config import TrainConfig
+from emlib.train.protocols import (
+    build_trainable,
+    check_against_model,
+    kl_to_reference,
+    reference_mode,
+    resolved_layers,
+    trainable_parameters,
+)
+
+
+def cosine_schedule(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to ``floor`` of the peak learning rate."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class EpochStream:
+    """Row indices of shuffled epochs, one after another: the training data order, resumable by replay.
+
+    The stream is a pure function of ``(n, seed)``, so a resumed run skips the ``step x global batch`` indices it
+    already used and sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.rng, self.buffer = n, random.Random(seed), []
+
+    def take(self, k: int) -> list[int]:
+        while len(self.buffer) < k:
+            epoch = list(range(self.n))
+            self.rng.shuffle(epoch)
+            self.buffer += epoch
+        out, self.buffer = self.buffer[:k], self.buffer[k:]
+        return out
+
+
+
+def _supervised(example: Example) -> int:
+    """Tokens the LM loss counts: supervised labels after the one-position shift."""
+    return sum(1 for t in example.labels[1:] if t != IGNORE)
+
+
+def lr_factor(config: TrainConfig, step: int, total: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up to the peak, then ``config.schedule``."""
+    if config.schedule == "cosine" or step < config.warmup:
+        return cosine_schedule(step, total, config.warmup, config.lr_floor)
+    if config.schedule == "constant":
+        return 1.0
+    return config.lr_floor + (1 - config.lr_floor) * max(0.0, (total - step) / max(1, total - config.warmup))
+
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained module (peft model, full model or SteeredModel) and its record."""
+
+    model: nn.Module
+    tokenizer: object
+    config: TrainConfig
+    log: list[dict]
+    out_dir: Path | None
+    checkpoints: list[Path]
+    trainable_parameters: int
+    layers: list[int] | None
+    resumed_from: int | None
+    seconds: float  # wall time of the steps run in this call
+    tokens: int  # non-padding tokens processed in this call (all processes)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    # DeepSpeed runs the optimizer step inside backward, so it must know the accumulation; elsewhere it is done below.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs = {"gradient_accumulation_steps": config.grad_accum} if deepspeed else {}
+    # cpu=True on a machine without CUDA lets accelerate see a torchrun process group (gloo) as multi-CPU
+    return Accelerator(cpu=not torch.cuda.is_available() and not deepspeed, **kwargs)
+
+
+def _check_by_name(config: TrainConfig, name: str) -> None:
+    """Validate layers and modules on an empty (meta-device) copy of the model: no weights loaded, no compute."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from emlib.models import resolve_model_path
+
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_path(name))
+    except Exception:  # noqa: BLE001 - load_model below raises the clear, specific error
+        return
+    with torch.device("meta"), _without_zero3_init():
+        meta = AutoModelForCausalLM.from_config(model_config)
+    check_against_model(config, meta)
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Under DeepSpeed ZeRO-3 transformers partitions and initialises every model it builds; an empty meta-device
+    copy has nothing to partition, so the ZeRO-3 hook is switched off while it is built (and restored after)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _load_base(model, tokenizer, config: TrainConfig, accelerator, device: str):
+    """Load ``model`` when it is a name; FSDP / DeepSpeed get it on CPU and shard it themselves."""
+    from emlib.models import load_model, pick_dtype
+
+    if not isinstance(model, str):
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= along with a model object")
+        return model, tokenizer
+    _check_by_name(config, model)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    target = "cpu" if sharded else (accelerator.device if device == "auto" else device)
+    # with accelerate's mixed precision (the FSDP / DeepSpeed configs) weights stay fp32 and compute runs in bf16
+    dtype = "float32" if config.dtype == "auto" and accelerator.mixed_precision != "no" else config.dtype
+    loaded, tok = load_model(model, device=target, dtype=pick_dtype(accelerator.device, dtype))
+    return loaded, tokenizer or tok
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _kl_term(module, reference, examples: list[Example], index: int, config: TrainConfig, pad_id: int,
+             device) -> torch.Tensor:
+    """KL to the frozen model on the ``index``-th KL batch (batches cycle through the KL set in order)."""
+    n, k = len(examples), config.kl_batch_size
+    batch = collate([examples[(index * k + j) % n] for j in range(k)], pad_id)
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    with torch.no_grad(), (nullcontext() if reference is not None else reference_mode(module)):
+        ref_logits = (reference if reference is not None else module)(**inputs).logits
+    return kl_to_reference(module(**inputs).logits, ref_logits, batch["labels"].to(device))
+
+
+def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Sequence[Example],
+          out_dir: str | Path | None = None, *,
+          tokenizer=None, kl_rows: Sequence[dict] | None = None, resume: bool = True, device: str = "auto",
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Fine-tune ``model`` (a name for :func:`emlib.models.load_model`, or a model object with ``tokenizer=``).
+
+    Loss on assistant tokens only (from the chat template's generation markers). With ``out_dir`` a checkpoint is
+    written every ``config.save_every`` steps and at the end, with ``out_dir/log.jsonl`` growing by one line per step;
+    when ``out_dir`` already holds checkpoints of this run it resumes from the last one (``resume=False``: start
+    over). ``rows`` are chat rows (``{"messages": [...]}``) or already encoded :class:`~emlib.chat.Example` s (e.g. the
+    organism's pretraining documents, supervised on every token). ``kl_rows`` is the reference set when ``config.kl_weight > 0``. ``on_step(step, record)`` runs after each
+    step (and its checkpoint). Runs the same under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
+    """
+    config = config.validate()
+    if not rows:
+        raise ValueError("the training set is empty")
+    if config.uses_kl and not kl_rows:
+        raise ValueError(f"kl_weight={config.kl_weight} needs a KL reference set: pass kl_rows")
+    accelerator = _accelerator(config)
+    model, tokenizer = _load_base(model, tokenizer, config, accelerator, device)
+    check_against_model(config, model)
+    examples = list(rows) if isinstance(rows[0], Example) else encode_rows(tokenizer, rows, max_length=config.max_length)
+    kl_examples = encode_rows(tokenizer, kl_rows, max_length=config.max_length) if config.uses_kl else []
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = config.total_steps(len(examples), world)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".tmp-checkpoint-*"):  # left by a crash mid-save
+            shutil.rmtree(stale)
+        if not resume:
+            for old in list_checkpoints(out):
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    base = base_fingerprint(model)
+    ckpt = resume_point(out, config, len(examples), world, base) if out is not None else None
+
+    torch.manual_seed(config.seed)  # adapter init is random (lora_A): seed it so the same config gives the same weights
+    layers = resolved_layers(config, model)
+    reference = _frozen_copy(model) if config.uses_kl and config.protocol == "full" else None
+    module = build_trainable(model, config)
+    if ckpt is not None:
+        load_weights(module, ckpt, config)
+    n_trainable = trainable_parameters(module)
+    torch.manual_seed(config.seed)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    module.train()
+    if accelerator.state.deepspeed_plugin is not None:  # no DataLoader here: DeepSpeed reads the batch sizes from this
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=config.batch_size,
+            train_batch_size=config.batch_size * config.grad_accum * accelerator.num_processes)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if reference is not None:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 replaces them with sharded ones
+    scheduler = torch.optim.lr_scheduler.LambdaLR(inner_optimizer(optimizer), lambda s: lr_factor(config, s, total))
+    start, log = restore_state(ckpt, module, optimizer, scheduler) if ckpt is not None else (0, [])
+    if out is not None and accelerator.is_main_process:
+        write_log(out / LOG_FILE, log)  # drop lines of steps after the checkpoint (they are redone)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    supervised = [_supervised(e) for e in examples]
+    micro, accum = config.batch_size, config.grad_accum
+    global_batch = micro * accum * world
+    stream = EpochStream(len(examples), config.seed)
+    stream.take(start * global_batch)  # replay the data order up to the checkpoint
+    meta = {"total_steps": total, "protocol": config.protocol, "config": config.to_dict(), "n_rows": len(examples),
+            "world_size": world, "distributed": str(accelerator.distributed_type).split(".")[-1], "layers": layers,
+            "trainable_parameters": n_trainable, "base_model": base}
+    device_ = accelerator.device
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    t_start, tokens_seen = time.time(), 0
+    for step in tqdm(range(start, total), desc=f"train {config.protocol}", leave=False,
+                     disable=not accelerator.is_main_process):
+        t0 = time.time()
+        indices = stream.take(global_batch)
+        n_items = sum(supervised[i] for i in indices)
+        lr_now = scheduler.get_last_lr()[0]
+        sums = torch.zeros(3, device=device_)  # lm loss, kl, tokens
+        for k in range(accum):
+            part = indices[(k * world + rank) * micro:(k * world + rank + 1) * micro]
+            batch = {n: v.to(device_) for n, v in collate([examples[i] for i in part], pad_id).items()}
+            if accum * world == 1:
+                loss = module(**batch).loss  # the batch's token mean
+            else:  # token mean over the whole global batch; DDP/FSDP average gradients over processes, hence x world
+                loss = module(**batch, num_items_in_batch=n_items).loss * world
+            objective = loss
+            if config.uses_kl:
+                kl = _kl_term(module, reference, kl_examples, (step * accum + k) * world + rank, config, pad_id,
+                              device_)
+                objective = objective + config.kl_weight * kl / accum
+                sums[1] += kl.detach() / (accum * world)
+            if deepspeed:  # DeepSpeed divides by its accumulation steps and steps on the last micro-batch itself
+                accelerator.gradient_state._set_sync_gradients(k == accum - 1)
+                objective = objective * accum
+            accelerator.backward(objective)
+            sums[0] += loss.detach() / world
+            sums[2] += batch["attention_mask"].sum()
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = accelerator.reduce(sums, "sum")
+        tokens_seen += int(sums[2].item())
+        record = {"step": step + 1, "loss": sums[0].item(), "grad_norm": float(grad_norm) if grad_norm is not None
+                  else float("nan"), "lr": lr_now, "tokens": int(sums[2].item()), "seconds": round(time.time() - t0, 4)}
+        if config.uses_kl:
+            record["kl"] = sums[1].item()
+        log.append(record)
+        if out is not None and accelerator.is_main_process:
+            with open(out / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if out is not None and ((step + 1) % config.save_every == 0 or step + 1 == total):
+            folder = save_checkpoint(out, step + 1, module, optimizer, scheduler, log, meta, config, accelerator)
+            if config.push_to_hub and accelerator.is_main_process:
+                push_checkpoint(folder, config.push_to_hub, config.hub_private)
+        if on_step is not None:
+            on_step(step + 1, record)
+    seconds = time.time() - t_start
+    module.eval()
+    return TrainResult(model=accelerator.unwrap_model(module), tokenizer=tokenizer, config=config, log=log, out_dir=out,
+                       checkpoints=list_checkpoints(out) if out is not None else [], trainable_parameters=n_trainable,
+                       layers=layers, resumed_from=start if ckpt is not None else None, seconds=seconds,
+                       tokens=tokens_seen)
