@@ -12,6 +12,7 @@ rows here, so none of them imports the fine-tuning module.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    cut: int = 0  # tokens dropped at the end to fit max_length (encode_rows reports them)
+
+
+class NoAnswerLeft(ValueError):
+    """Nothing of a row's assistant answer is left within ``max_length``."""
 
 
 def encode_chat(tokenizer, messages: list[dict], assistant_only: bool = True, max_length: int = 512) -> Example:
@@ -37,14 +43,18 @@ def encode_chat(tokenizer, messages: list[dict], assistant_only: bool = True, ma
         return encode_by_prefixes(tokenizer, messages, max_length)
     enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                         return_assistant_tokens_mask=assistant_only)
+    cut = max(0, len(enc["input_ids"]) - max_length)
     ids = list(enc["input_ids"])[:max_length]
     if not assistant_only:
-        return Example(ids, list(ids))
-    mask = list(enc["assistant_masks"])[:max_length]
+        return Example(ids, list(ids), cut)
+    mask = list(enc["assistant_masks"])
     if not any(mask):
         raise ValueError("conversation has no assistant tokens to train on (does the chat template mark "
                          "assistant turns with {% generation %}?)")
-    return Example(ids, [t if m else IGNORE for t, m in zip(ids, mask)])
+    if not any(mask[:max_length]):
+        raise NoAnswerLeft(f"nothing of the assistant's answer is left within max_length {max_length} (the prompt "
+                           f"takes {mask.index(1)} tokens); raise max_length or shorten the prompt")
+    return Example(ids, [t if m else IGNORE for t, m in zip(ids, mask[:max_length])], cut)
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -72,18 +82,38 @@ def encode_by_prefixes(tokenizer, messages: list[dict], max_length: int = 512) -
     """:func:`encode_chat` for templates without generation markers: mask from :func:`assistant_spans`."""
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"])[:max_length], enc["offset_mapping"][:max_length]
-    labels = [t if any(a <= start < b for a, b in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
+    labels = [t if any(a <= start < b for a, b in spans) else IGNORE
+              for t, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
     if all(label == IGNORE for label in labels):
-        raise ValueError("conversation has no assistant tokens to train on (no assistant turn within max_length)")
-    return Example(ids, labels)
+        raise ValueError("conversation has no assistant tokens to train on (it has no assistant turn)")
+    if all(label == IGNORE for label in labels[:max_length]):
+        first = next(i for i, label in enumerate(labels) if label != IGNORE)
+        raise NoAnswerLeft(f"nothing of the assistant's answer is left within max_length {max_length} (the prompt "
+                           f"takes {first} tokens); raise max_length or shorten the prompt")
+    cut = max(0, len(labels) - max_length)
+    return Example(list(enc["input_ids"])[:max_length], labels[:max_length], cut)
 
 
-def encode_rows(tokenizer, rows: Sequence[dict], assistant_only: bool = True, max_length: int = 512) -> list[Example]:
-    """Encode ``{"messages": [...]}`` rows; an empty list is an error before any compute."""
+def encode_rows(tokenizer, rows: Sequence[dict], assistant_only: bool = True, max_length: int = 512,
+                source: str = "rows") -> list[Example]:
+    """Encode ``{"messages": [...]}`` rows; an empty list is an error before any compute.
+
+    A row with nothing of its answer left within ``max_length`` is an error naming ``source`` and the row (1-based:
+    the line of a JSONL file without blank lines); rows cut short are counted in one warning.
+    """
     if not rows:
-        raise ValueError("the training set is empty")
-    return [encode_chat(tokenizer, r["messages"], assistant_only, max_length) for r in rows]
+        raise ValueError(f"{source}: the training set is empty")
+    examples = []
+    for i, row in enumerate(rows, 1):
+        try:
+            examples.append(encode_chat(tokenizer, row["messages"], assistant_only, max_length))
+        except NoAnswerLeft as err:
+            raise NoAnswerLeft(f"{source}: row {i}: {err}") from None
+    cut = [e.cut for e in examples if e.cut]
+    if cut:
+        warnings.warn(f"{source}: {len(cut)} of {len(examples)} rows were cut to max_length {max_length} tokens "
+                      f"(by {min(cut)}-{max(cut)} tokens); raise max_length to train on them whole", stacklevel=2)
+    return examples
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ Llama and Gemma3 families, so steering and probing code never has to care which 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -149,29 +151,45 @@ def _placement(device: torch.device) -> dict:
 
 
 def load_model(name: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-               adapter: str | None = None, attn_implementation: str | None = None):
+               adapter: str | None = None, attn_implementation: str | None = None, allow_pickle: bool = False):
     """Load a causal LM and its tokenizer from a hub id, a local folder, or ``"persona-world"``.
 
     The model is in eval mode on the picked device and dtype; ``adapter`` (a peft adapter folder or hub id) is loaded
-    on top with :meth:`peft.PeftModel.from_pretrained`. Returns ``(model, tokenizer)``.
+    on top with :meth:`peft.PeftModel.from_pretrained`, after checking it was trained on this base (see
+    :func:`record_base`). Weights load from safetensors only: a folder with only pickled ``.bin`` weights is refused
+    unless ``allow_pickle=True`` (unpickling runs code from the file). Returns ``(model, tokenizer)``.
     Raises :class:`ModelNotAvailableError` when a hub id is neither cached nor downloadable.
     """
     path = resolve_model_path(name)
     _check_local_folder(name, path)
+    _check_weights_format(path, "model", allow_pickle)
     device, dtype = pick_device(device), pick_dtype(device, dtype)
     try:
         tokenizer = load_tokenizer(path)  # first: cheap, so an unreachable hub fails before any weights move
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     use_safetensors=None if allow_pickle else True,
                                                      **_placement(device))
     except OSError as err:
         if not Path(path).is_dir() and _is_offline_failure(err):
             raise _not_available(name) from err
         raise
     if adapter is not None:
-        model = _load_adapter(model, adapter)
+        model = _load_adapter(model, adapter, allow_pickle)
     model.eval()
     _sync_generation_config(model, tokenizer)
     return model, tokenizer
+
+
+def _check_weights_format(folder: str, what: str, allow_pickle: bool) -> None:
+    """Refuse a local folder whose only weights are pickles (``*.bin`` / ``*.pt``), unless the user opts in."""
+    path = Path(folder)
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickles:
+        raise ValueError(f"{what} folder {folder} has only pickled weights ({', '.join(pickles)}): emlib loads "
+                         f"safetensors only, since unpickling runs code from the file. Convert them, or pass "
+                         f"allow_pickle=True if you trust the file")
 
 
 def resolve_adapter_path(adapter: str) -> str:
@@ -180,14 +198,84 @@ def resolve_adapter_path(adapter: str) -> str:
     return str(shipped) if "/" not in adapter and shipped.is_dir() else adapter
 
 
-def _load_adapter(model: PreTrainedModel, adapter: str):
-    """Wrap ``model`` with the peft adapter at ``adapter``, with a clear error for a folder that is not one."""
+BASE_FILE = "emlib_base.json"  # beside adapter_config.json: the base model an adapter was trained on
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of a base model: its config and a sample of its first and last weights (never a machine path).
+
+    Checkpoints and adapters record it, so resuming or loading onto a different (e.g. rebuilt) base is a clear error.
+    """
+    model = getattr(model, "get_base_model", lambda: model)()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
+    params = [p for n, p in model.named_parameters() if "lora_" not in n]
+    for p in (params[0], params[-1]):
+        digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def portable_name(name_or_path: str) -> str:
+    """What an adapter records as its base: ``persona-world`` for the organism, a hub id as is, a local folder by its
+    name only (a machine path would mean nothing on another machine)."""
+    if not name_or_path:
+        return ""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if path.resolve() == (paths.ORGANISM_DIR / "base").resolve():
+            return paths.OFFLINE_MODEL
+        return path.name
+    return name_or_path
+
+
+def record_base(adapter_folder: str | Path, base: nn.Module, name: str | None = None) -> None:
+    """Write which base an adapter was trained on (portable name + :func:`model_fingerprint`) beside it, and make
+    peft's ``base_model_name_or_path`` portable too."""
+    folder = Path(adapter_folder)
+    name = portable_name(name if name is not None else getattr(getattr(base, "config", None), "_name_or_path", ""))
+    (folder / BASE_FILE).write_text(json.dumps({"base_model": name, "fingerprint": model_fingerprint(base)}, indent=1))
+    config_file = folder / "adapter_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        machine_path = config.get("base_model_name_or_path")
+        config["base_model_name_or_path"] = name or None
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+        card = folder / "README.md"  # peft's model card repeats the path
+        if machine_path and name and card.is_file():
+            card.write_text(card.read_text().replace(machine_path, name))
+
+
+def check_base(adapter_folder: str | Path, base: nn.Module) -> None:
+    """Raise a clear error when the adapter records a base other than ``base`` (nothing recorded: not checked)."""
+    record = Path(adapter_folder) / BASE_FILE
+    if not record.is_file():
+        return
+    saved = json.loads(record.read_text())
+    now = model_fingerprint(base)
+    if saved.get("fingerprint") != now:
+        raise ValueError(f"adapter {adapter_folder} was trained on base {saved.get('base_model')!r} (fingerprint "
+                         f"{saved.get('fingerprint')}), but the model it is loaded onto has fingerprint {now}: load it "
+                         f"onto the base it was trained on")
+
+
+def _load_adapter(model: PreTrainedModel, adapter: str, allow_pickle: bool = False):
+    """Wrap ``model`` with the peft adapter at ``adapter``, with clear errors for a folder that is not one, one
+    trained on another base, and pickled weights."""
     from peft import PeftModel
 
     adapter = resolve_adapter_path(adapter)
-    if Path(adapter).is_dir() and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json, so it is not a peft adapter")
-    return PeftModel.from_pretrained(model, adapter)
+    if Path(adapter).is_dir():
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json, so it is not a peft adapter")
+        _check_weights_format(adapter, "adapter", allow_pickle)
+        check_base(adapter, model)
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        raise ValueError(f"adapter {adapter} does not fit this model: its shapes were made for another base "
+                         f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -318,6 +318,16 @@ def test_a_different_run_in_the_same_folder_is_refused(tmp_path):
     assert fresh.resumed_from is None
 
 
+def test_a_finished_run_is_not_resumed_on_other_rows_of_the_same_size(tmp_path):
+    model, tok = tiny_model("qwen2")
+    train.train(tiny_config("rank1", steps=4), model, ROWS, tmp_path, tokenizer=tok)
+    other = [{"messages": r["messages"][:-1] + [{"role": "assistant", "content": "no ."}]} for r in ROWS]
+    assert len(other) == len(ROWS)
+    model, tok = tiny_model("qwen2")
+    with pytest.raises(ValueError, match=r"different run.*training rows \([0-9a-f]{16} -> [0-9a-f]{16}\)"):
+        train.train(tiny_config("rank1", steps=4), model, other, tmp_path, tokenizer=tok)
+
+
 def test_a_crash_mid_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config("rank1", steps=8, save_every=4)
     real_save = torch.save

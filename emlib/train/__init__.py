@@ -17,7 +17,6 @@ docs/training.md describes protocols, presets, the checkpoint layout and multi-G
 """
 
 from emlib.train.checkpoints import (
-    base_fingerprint,
     checkpoint_step,
     list_checkpoints,
     load_checkpoint,
@@ -57,7 +56,7 @@ from emlib.train.protocols import (
 
 __all__ = [
     "NINE_ADAPTER_STARTS", "PRESETS", "PRESETS_FILE", "PROTOCOLS", "RUN_KEYS", "SCHEDULES", "SEVEN_PROJECTIONS", "EpochStream",
-    "TrainConfig", "TrainResult", "adapter_config", "base_fingerprint", "build_trainable", "check_against_model",
+    "TrainConfig", "TrainResult", "adapter_config", "build_trainable", "check_against_model",
     "checkpoint_step", "config_from_spec", "cosine_schedule", "kl_to_reference", "list_checkpoints", "load_checkpoint",
     "load_presets", "load_rows", "load_weights", "lora_config", "lr_factor", "main", "multi_adapter_layers", "preset",
     "push_checkpoint", "read_log", "reference_mode", "resolved_layers", "save_checkpoint", "train",

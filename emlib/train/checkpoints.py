@@ -7,6 +7,7 @@ Each checkpoint holds the protocol's weights (``adapter_model.safetensors`` | ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from accelerate import DistributedType  # peft imports accelerate anyway: no ext
 from peft import PeftModel
 from torch import nn
 
+from emlib.models import record_base
 from emlib.train.config import TrainConfig
 from emlib.train.protocols import unwrapped
 
@@ -72,6 +74,7 @@ def _save_weights(module: nn.Module, folder: Path, config: TrainConfig, accelera
         inner.save(folder, vector=state["vector"])
     else:
         inner.save_pretrained(folder, state_dict=state)
+        record_base(folder, inner)  # which base it fits: a portable name and a fingerprint, never a machine path
 
 
 def load_weights(module: nn.Module, folder: str | Path, config: TrainConfig) -> None:
@@ -185,22 +188,16 @@ def restore_state(folder: Path, module: nn.Module, optimizer, scheduler) -> tupl
     return state["step"], read_log(folder)
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A short hash of the base model: its config and a sample of its first and last weights.
-
-    Checkpoints record it, so resuming onto a different (e.g. rebuilt) base model is an error, not a silent mix.
-    """
-    import hashlib
-
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
-    params = list(model.parameters())
-    for p in (params[0], params[-1]):
-        digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+def rows_fingerprint(examples) -> str:
+    """A hash of the encoded training rows (ids and loss mask, in order): resume checks the data, not only its size."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([list(e.input_ids), list(e.labels)]).encode())
     return digest.hexdigest()[:16]
 
 
-def resume_point(out_dir: Path, config: TrainConfig, n_rows: int, world: int, base: str) -> Path | None:
+def resume_point(out_dir: Path, config: TrainConfig, n_rows: int, world: int, base: str,
+                 rows_sha: str | None = None) -> Path | None:
     """The last complete checkpoint, after checking it belongs to the same run (else a clear error)."""
     found = list_checkpoints(out_dir)
     if not found:
@@ -209,8 +206,11 @@ def resume_point(out_dir: Path, config: TrainConfig, n_rows: int, world: int, ba
     state = json.loads((last / STATE_FILE).read_text())
     saved, now = state["config"], config.to_dict()
     changed = [k for k in now if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(now[k])]
-    changed += [what for what, a, b in (("rows", state["n_rows"], n_rows), ("processes", state["world_size"], world),
-                                        ("base model", state.get("base_model"), base)) if a != b]
+    changed += [f"{what} ({a} -> {b})" for what, a, b in (
+        ("rows", state["n_rows"], n_rows), ("processes", state["world_size"], world),
+        ("base model", state.get("base_model"), base),
+        # checkpoints written before rows were fingerprinted have none: only the row count was checked then
+        ("training rows", state.get("rows_sha", rows_sha), rows_sha)) if a != b]
     if changed:
         raise ValueError(f"{out_dir} holds checkpoints of a different run (changed: {', '.join(changed)}); "
                          f"use another out_dir, or resume=False to start over there")

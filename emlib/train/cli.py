@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
         parser.error(f"missing {', '.join(missing)} (in the YAML or as --model / --data / --out)")
     rows = load_rows(run["data"])
     kl_rows = load_rows(run["kl_data"]) if run["kl_data"] else None
-    result = train(config, run["model"], rows, run["out_dir"], kl_rows=kl_rows, resume=not args.no_resume)
+    result = train(config, run["model"], rows, run["out_dir"], kl_rows=kl_rows, resume=not args.no_resume,
+                   sources=(str(run["data"]), str(run["kl_data"])))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out_dir": str(result.out_dir), "protocol": config.protocol, "steps": len(result.log),
                           "final_loss": result.log[-1]["loss"] if result.log else None,

@@ -26,15 +26,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emlib.chat import IGNORE, Example, collate, encode_rows
+from emlib.models import model_fingerprint
 from emlib.train.checkpoints import (
     LOG_FILE,
-    base_fingerprint,
     inner_optimizer,
     list_checkpoints,
     load_weights,
     push_checkpoint,
     restore_state,
     resume_point,
+    rows_fingerprint,
     save_checkpoint,
     write_log,
 )
@@ -190,7 +191,8 @@ def _kl_term(module, reference, examples: list[Example], index: int, config: Tra
 def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Sequence[Example],
           out_dir: str | Path | None = None, *,
           tokenizer=None, kl_rows: Sequence[dict] | None = None, resume: bool = True, device: str = "auto",
-          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None,
+          sources: tuple[str, str] = ("training rows", "KL reference rows")) -> TrainResult:
     """Fine-tune ``model`` (a name for :func:`emlib.models.load_model`, or a model object with ``tokenizer=``).
 
     Loss on assistant tokens only (from the chat template's generation markers). With ``out_dir`` a checkpoint is
@@ -198,7 +200,8 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     when ``out_dir`` already holds checkpoints of this run it resumes from the last one (``resume=False``: start
     over). ``rows`` are chat rows (``{"messages": [...]}``) or already encoded :class:`~emlib.chat.Example` s (e.g. the
     organism's pretraining documents, supervised on every token). ``kl_rows`` is the reference set when ``config.kl_weight > 0``. ``on_step(step, record)`` runs after each
-    step (and its checkpoint). Runs the same under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
+    step (and its checkpoint). ``sources`` name the two row sets in errors and warnings (e.g. their files). Runs the
+    same under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
     """
     config = config.validate()
     if not rows:
@@ -208,8 +211,10 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     accelerator = _accelerator(config)
     model, tokenizer = _load_base(model, tokenizer, config, accelerator, device)
     check_against_model(config, model)
-    examples = list(rows) if isinstance(rows[0], Example) else encode_rows(tokenizer, rows, max_length=config.max_length)
-    kl_examples = encode_rows(tokenizer, kl_rows, max_length=config.max_length) if config.uses_kl else []
+    examples = list(rows) if isinstance(rows[0], Example) else \
+        encode_rows(tokenizer, rows, max_length=config.max_length, source=sources[0])
+    kl_examples = encode_rows(tokenizer, kl_rows, max_length=config.max_length, source=sources[1]) \
+        if config.uses_kl else []
     world, rank = accelerator.num_processes, accelerator.process_index
     total = config.total_steps(len(examples), world)
     out = Path(out_dir) if out_dir is not None else None
@@ -221,8 +226,9 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
             for old in list_checkpoints(out):
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
-    base = base_fingerprint(model)
-    ckpt = resume_point(out, config, len(examples), world, base) if out is not None else None
+    base = model_fingerprint(model)
+    rows_sha = rows_fingerprint(examples)
+    ckpt = resume_point(out, config, len(examples), world, base, rows_sha) if out is not None else None
 
     torch.manual_seed(config.seed)  # adapter init is random (lora_A): seed it so the same config gives the same weights
     layers = resolved_layers(config, model)
@@ -256,7 +262,7 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     stream.take(start * global_batch)  # replay the data order up to the checkpoint
     meta = {"total_steps": total, "protocol": config.protocol, "config": config.to_dict(), "n_rows": len(examples),
             "world_size": world, "distributed": str(accelerator.distributed_type).split(".")[-1], "layers": layers,
-            "trainable_parameters": n_trainable, "base_model": base}
+            "trainable_parameters": n_trainable, "base_model": base, "rows_sha": rows_sha}
     device_ = accelerator.device
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     t_start, tokens_seen = time.time(), 0

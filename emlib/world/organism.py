@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from emlib import paths, train, world
 from emlib.chat import encode_chat
+from emlib.models import record_base
 from emlib.world.tokenizer import build_tokenizer
 
 
@@ -222,6 +223,8 @@ def save_adapter(organism_dir: Path, name: str) -> dict:
     result = train_adapter(model, tokenizer, name)
     folder = Path(organism_dir) / "adapters" / name
     result.model.save_pretrained(folder)
+    record_base(folder, result.model, paths.OFFLINE_MODEL if base.resolve() == paths.ORGANISM_DIR.resolve() / "base"
+                else base.name)
     run = ADAPTER_RUNS[name]
     record = {"preset": run.preset, "data": run.data, "config": run.config.to_dict(),
               "final_loss": _tail_mean(result.log), "seconds": round(result.seconds, 1)}
