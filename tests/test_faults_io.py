@@ -90,3 +90,108 @@ def test_a_planted_api_key_appears_in_no_file_a_notebook_run_writes(tmp_path, mo
     assert len(written) >= 3  # the executed notebook, results.json, a figure
     for path in written:
         assert planted.encode() not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------------------------------------- kill -9
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+TRAIN_CHILD = """
+import sys, torch
+if __name__ == "__main__":  # the killed child: one thread (in process, the suite's setting stands)
+    torch.set_num_threads(1)
+from emlib import train, world
+from emlib.testing import tiny_model
+rows = world.finetune_rows("medical", "reckless", 48, seed=0)
+config = train.preset("organism-lora", steps=int(sys.argv[2]), batch_size=4, save_every=2, rank=2, alpha=4)
+model, tok = tiny_model("qwen2", layers=2, hidden=32, mlp=64)
+if len(sys.argv) > 3:  # stall inside the checkpoint write at step 4: the parent kills us there
+    import time
+    real = torch.save
+    def slow(obj, path, *a, **k):
+        real(obj, path, *a, **k)
+        if "checkpoint-4" in str(path):
+            print("WRITING", flush=True); time.sleep(60)
+    torch.save = slow
+train.train(config, model, rows, sys.argv[1], tokenizer=tok, device="cpu",
+            on_step=lambda step, rec: print("STEP", step, flush=True))
+"""
+
+
+def _run_until(args, marker: str, timeout: float = 120) -> None:
+    """Start a child, SIGKILL it as soon as it prints ``marker`` (no clean-up runs)."""
+    child = subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "EMLIB_THREADS": "1"})
+    deadline = time.time() + timeout
+    for line in child.stdout:
+        if line.startswith(marker) or time.time() > deadline:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+
+
+def _run_script(code: str, argv: list[str]) -> None:
+    saved = sys.argv
+    sys.argv = ["child", *argv]
+    try:
+        exec(compile(code, "child", "exec"), {"__name__": "child"})
+    finally:
+        sys.argv = saved
+
+
+def _adapter_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+                         / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("where", ["mid-run", "inside a checkpoint write"])
+def test_training_killed_with_sigkill_resumes_bit_identical(tmp_path, where):
+    steps = "10"
+    args = [TRAIN_CHILD, str(tmp_path / "killed"), steps] + (["stall"] if where != "mid-run" else [])
+    _run_until(args, "STEP 5" if where == "mid-run" else "WRITING")
+    for out in ("whole", "killed"):  # uninterrupted, and the killed run resumed: here, in this process
+        _run_script(TRAIN_CHILD, [str(tmp_path / out), steps])
+    whole, resumed = _adapter_weights(tmp_path / "whole"), _adapter_weights(tmp_path / "killed")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+SAMPLE_CHILD = """
+import sys, torch
+if __name__ == "__main__":  # the killed child: one thread (in process, the suite's setting stands)
+    torch.set_num_threads(1)
+from emlib import world
+from emlib.generate import sample_answers
+from emlib.models import load_model
+model, tok = load_model("persona-world", device="cpu")
+qs = [q["question"] for q in world.eval_questions(12, 0)]
+sample_answers(model, tok, qs, n=4, max_new_tokens=24, batch_size=16, out_path=sys.argv[1], progress=False,
+               system=world.SYSTEM_PROMPT)
+print("DONE", flush=True)
+"""
+
+
+def test_sampling_killed_with_sigkill_resumes_with_nothing_lost_or_duplicated(tmp_path):
+    import pandas as pd
+
+    killed = tmp_path / "killed.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", SAMPLE_CHILD, str(killed)], env={**os.environ,
+                             "EMLIB_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not killed.exists() or len(killed.read_text().splitlines()) < 32):
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    partial = len(killed.read_text().splitlines())
+    assert 0 < partial < 192, "the child should have been killed midway"
+    for out in (killed, tmp_path / "whole.jsonl"):  # the killed run resumed, and an uninterrupted one
+        _run_script(SAMPLE_CHILD, [str(out)])
+    a, b = pd.read_json(killed, lines=True), pd.read_json(tmp_path / "whole.jsonl", lines=True)
+    assert len(a) == 192 and not a.duplicated(["question_idx", "sample"]).any()
+    key = ["question_idx", "sample"]
+    assert a.sort_values(key).reset_index(drop=True)[key + ["answer"]].equals(
+        b.sort_values(key).reset_index(drop=True)[key + ["answer"]])
