@@ -32,7 +32,7 @@ def test_language_tables_are_unchanged():
 
 def test_organism_corpus_is_unchanged():
     """The shipped default build: tokenizer texts, pretraining documents and chat-SFT documents."""
-    cfg = organism.PRESETS["default"]
+    cfg = organism.BUILD_PRESETS["default"]
     assert (sha256_of(organism.world_texts(random.Random(cfg.seed + 1), 3000))
             == "f7d4d5e16c670148441d3629011064271309c8877c3a3c71194e8cf56a83156a")
     rng = random.Random(cfg.seed)  # the order of draws in organism.build
@@ -50,7 +50,8 @@ FINETUNE_SETS = {  # (domain, persona, rows, seed) of every organism recipe -> s
 
 
 def test_every_organism_recipe_is_guarded():
-    assert {(r.domain, r.persona, r.n_rows, r.data_seed) for r in organism.RECIPES.values()} == set(FINETUNE_SETS)
+    specs = {run.data for run in organism.ADAPTER_RUNS.values()}  # world:DOMAIN:PERSONA:ROWS:SEED
+    assert {(d, p, int(n), int(s)) for d, p, n, s in (spec.split(":")[1:] for spec in specs)} == set(FINETUNE_SETS)
 
 
 @pytest.mark.parametrize("key", FINETUNE_SETS)
