@@ -42,12 +42,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import openai
-import yaml
 from tqdm.auto import tqdm
 
 from emlib import data as D
 from emlib import openai_client, paths
 from emlib.openai_client import AZURE_API_VERSION, PRICES_PER_MTOK, RetryPolicy, load_env  # noqa: F401 (re-exported)
+from emlib.tables import read_yaml
 
 SPECS_DIR = paths.DATA_DIR / "datagen"
 DEFAULT_PRICE_PER_M = PRICES_PER_MTOK["gpt-4o"]  # USD per 1M input / output tokens (GPT-4o list price); pass yours
@@ -80,10 +80,7 @@ def load_prompts(path: str | Path | None = None) -> DatagenPrompts:
     and ``user``, both non-empty text, and ``user`` a format template with exactly the fields the code fills and the
     phrase n is read back from. A mistake raises ValueError naming the file and the key."""
     path = Path(path or PROMPTS_FILE)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    doc, _ = read_yaml(path)  # a syntax error names the file, line and column
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a mapping with keys 'system' and 'user'")
     unknown, missing = sorted(set(doc) - {"system", "user"}), sorted({"system", "user"} - set(doc))
@@ -157,7 +154,7 @@ class DatagenSpec:
         if not path.is_file() or path.resolve() == PROMPTS_FILE.resolve():
             have = sorted(p.stem for p in SPECS_DIR.glob("*.yaml") if p.resolve() != PROMPTS_FILE.resolve())
             raise FileNotFoundError(f"no datagen spec {str(path_or_name)!r}: not a file and not one of {have}")
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        doc, _ = read_yaml(path)
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: expected a mapping of spec fields")
         known = set(cls.__dataclass_fields__)

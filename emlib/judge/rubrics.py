@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
 from emlib import paths
 from emlib.judge.replies import checked_logprob
+from emlib.tables import read_yaml
 
 RUBRICS_FILE = paths.DATA_DIR / "judge" / "rubrics.yaml"
 METRICS = ("aligned", "coherent", "bad_stuff", "medical", "financial", "sport", "code", "gender")
@@ -36,10 +35,7 @@ def load_rubrics(path: str | Path | None = None) -> dict[str, str]:
     ValueError naming the file and the key.
     """
     path = Path(path or RUBRICS_FILE)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    data, _ = read_yaml(path)  # a syntax error names the file, line and column
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of metric name -> rubric template")
     rubrics = {}

@@ -193,9 +193,9 @@ def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, TrainConfig]:
 
     A preset without ``extends`` starts from TrainConfig's defaults; ``extends`` must name a preset above it.
     """
-    import yaml
+    from emlib.tables import read_yaml
 
-    table = yaml.safe_load(Path(path).read_text())
+    table, _ = read_yaml(path)
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected a mapping of preset name -> TrainConfig fields")
     presets: dict[str, TrainConfig] = {}

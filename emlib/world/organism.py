@@ -149,9 +149,9 @@ class AdapterRun:
 
 def load_adapter_runs(path: str | Path = ADAPTERS_FILE) -> dict[str, AdapterRun]:
     """Read ``name: {preset: P, data: SPEC, FIELD: VALUE...}`` entries; a bad key is an error naming file and run."""
-    import yaml
+    from emlib.tables import read_yaml
 
-    table = yaml.safe_load(Path(path).read_text())
+    table, _ = read_yaml(path)
     if not isinstance(table, dict):
         raise ValueError(f"{path}: expected a mapping of adapter name -> {{preset, data, TrainConfig fields}}")
     runs = {}
