@@ -37,9 +37,9 @@ from emlib.judge.rubrics import (
     aggregate_logprobs,
     fill_prompt,
     load_rubrics,
-    rubrics_from_questions,
     number_of,
     parse_prompt,
+    rubrics_from_questions,
 )
 from emlib.openai_client import (
     LOCAL_HOSTS,
