@@ -10,6 +10,13 @@ that one copy: :class:`SharedPrefix`), and drops finished rows from the batch as
 longer keep hundreds of finished ones computing; ``engine="hf"`` uses ``model.generate`` instead. Batch ``k`` is
 seeded with ``seed`` and ``k`` only, so a resumed run reproduces the rows an uninterrupted one would have written.
 
+``sampling="reference"`` (the default) samples as the papers' code does (``eval/util/gen_eval_util.py:
+generate_response_set``: HF ``generate`` with temperature and top_p given, everything else from the model's own
+``generation_config``): top_k and repetition_penalty are the model's (HF's global defaults, top_k 50 and 1.0, where
+its file sets none; Qwen2.5-Instruct's sets 20 and 1.05). ``sampling="full"`` is emlib's earlier mode: the full
+distribution (no top-k, no repetition penalty). The persona world's generation config sets top_k 0 and
+repetition_penalty 1 (:func:`emlib.models.load_model`), so both modes sample it identically.
+
 The same call samples a base model, a fine-tuned one, a peft adapter scaled by a factor (``adapter_scale``) or a model
 with a steering intervention (``steering``: ``[(layer, vector), ...]`` added to decoder-layer outputs at every
 position, or a callable that registers its own forward hooks). :func:`sample_answers_vllm` is the optional vLLM
@@ -37,6 +44,25 @@ from emlib.interventions import Steering, scaled_adapter, steered
 
 COLUMNS = ["question_idx", "question", "sample", "answer", "ended"]
 ENGINES = ("loop", "hf")
+SAMPLINGS = ("reference", "full")
+HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig global default where a model's file sets no top_k
+
+
+def sampling_settings(model, sampling: str = "reference") -> dict:
+    """``{"top_k": int, "repetition_penalty": float}`` for ``sampling`` (one of :data:`SAMPLINGS`); top_k 0: off.
+
+    ``reference``: the model's ``generation_config`` (what ``model.generate`` uses when only temperature and top_p are
+    passed, as in the papers' code), unset fields taking transformers' defaults; ``full``: 0 and 1.0.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling {sampling!r} is not one of {', '.join(SAMPLINGS)}")
+    if sampling == "full":
+        return {"top_k": 0, "repetition_penalty": 1.0}
+    gen = getattr(model, "generation_config", None)
+    top_k = getattr(gen, "top_k", None)
+    penalty = getattr(gen, "repetition_penalty", None)
+    return {"top_k": HF_DEFAULT_TOP_K if top_k is None else int(top_k),
+            "repetition_penalty": 1.0 if penalty is None else float(penalty)}
 _SEED_STRIDE = 1_000_003  # batch k draws from seed + k * stride: batch 0 keeps the plain seed
 
 
@@ -45,7 +71,7 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
                    temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 256,
                    system: str | None = None, *, adapter_scale: float | None = None, steering: Steering | None = None,
                    out_path: str | Path | None = None, on_mismatch: str = "error", engine: str = "loop",
-                   threads: int | None = None, progress: bool = True) -> pd.DataFrame:
+                   threads: int | None = None, progress: bool = True, sampling: str = "reference") -> pd.DataFrame:
     """Sample ``n`` answers to each question, all questions batched together.
 
     Returns one row per sample: ``question_idx``, ``question``, ``sample``, ``answer`` and ``ended`` (the model
@@ -55,8 +81,11 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
     ``on_mismatch="restart"`` is sampled again from scratch). ``adapter_scale`` multiplies every LoRA layer's scaling
     for this call only; ``steering`` is applied for this call only (see :data:`Steering`). ``threads``: torch threads
     while sampling on CPU; None keeps the current setting, except that models under 20M parameters sample on one
-    thread (see :func:`cpu_threads`).
+    thread (see :func:`cpu_threads`). ``sampling``: ``reference`` (top_k and repetition_penalty from the model's
+    generation config, as the papers sample) or ``full`` (the whole distribution); see :func:`sampling_settings`. The
+    resolved values are part of the settings stored beside ``out_path``.
     """
+    knobs = sampling_settings(model, sampling)
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
@@ -64,8 +93,10 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
     questions = list(questions)
     prompts = [(qi, s, chat_prompt(tokenizer, q, system)) for qi, q in enumerate(questions) for s in range(n)]
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    store = _Store(out_path, _settings(model, questions, n, max_new_tokens, temperature, top_p, seed, batch_size,
-                                       system, adapter_scale, steering, engine), on_mismatch) if out_path else None
+    settings = _settings(model, questions, n, max_new_tokens, temperature, top_p, seed, batch_size, system,
+                         adapter_scale, steering, engine)
+    settings.update(sampling=sampling, **knobs)
+    store = _Store(out_path, settings, on_mismatch) if out_path else None
     done = store.done_keys() if store else set()
     produced: list[dict] = []
     tokenizer.padding_side = "left"  # prompts must end flush on the right, where generation appends
@@ -74,7 +105,7 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
             if all((qi, s) in done for qi, s, _ in chunk):
                 continue
             decoded = _generate_batch(model, tokenizer, [p for _, _, p in chunk], max_new_tokens, temperature, top_p,
-                                      seed + k * _SEED_STRIDE, engine)
+                                      seed + k * _SEED_STRIDE, engine, **knobs)
             rows = [{"question_idx": qi, "question": questions[qi], "sample": s, "answer": text, "ended": ended}
                     for (qi, s, _), (text, ended) in zip(chunk, decoded)]
             if store:
@@ -110,7 +141,8 @@ def cpu_threads(model: nn.Module, threads: int | None = None) -> Iterator[None]:
 
 
 def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
-                    seed: int, engine: str) -> list[tuple[str, bool]]:
+                    seed: int, engine: str, top_k: int = 0,
+                    repetition_penalty: float = 1.0) -> list[tuple[str, bool]]:
     """Decode one batch; returns (answer text, ended) per prompt."""
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
@@ -119,8 +151,9 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
         torch.manual_seed(seed)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                              temperature=temperature if temperature > 0 else None,
-                             top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+                             top_p=top_p if temperature > 0 else None, top_k=top_k if temperature > 0 else None,
+                             repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=sorted(eos))
         new = out[:, enc["input_ids"].shape[1]:].tolist()
     else:
         # the n samples of a question share their prompt: encode and prefill each distinct prompt once
@@ -130,7 +163,7 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
         expand = torch.tensor([where[t] for t in texts], device=device)
         generator = torch.Generator(device=device).manual_seed(seed)
         new = decode_loop(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature, top_p,
-                          eos, generator, expand=expand)
+                          eos, generator, expand=expand, top_k=top_k, repetition_penalty=repetition_penalty)
     results = []
     for ids in new:
         stop = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -147,14 +180,17 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                 temperature: float, top_p: float, eos: set[int], generator: torch.Generator,
-                expand: torch.Tensor | None = None, compact_at: float = 0.125) -> list[list[int]]:
+                expand: torch.Tensor | None = None, compact_at: float = 0.125, top_k: int = 0,
+                repetition_penalty: float = 1.0) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; returns the new token ids of each row.
 
     ``expand`` maps each output row to a row of ``input_ids``: each distinct prompt is prefilled once. When many rows
     share few prompts (n samples per question), the prompts' keys and values are kept once and every row attends to
     its prompt's copy (:class:`SharedPrefix`); otherwise the prompt cache is copied to each row. Rows stop at an eos
     token; once at least ``compact_at`` of the live batch has finished, those rows are cut out of the batch and the
-    cache, so long answers run on a smaller batch.
+    cache, so long answers run on a smaller batch. ``top_k`` and ``repetition_penalty`` act as in ``model.generate``
+    (:func:`penalize_repeats`, :func:`sample_next`); the penalty counts each row's prompt tokens (padding excluded)
+    and its own generated ones.
     """
     from transformers import DynamicCache
 
@@ -176,9 +212,18 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     buffer = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
     eos_t = torch.tensor(sorted(eos), device=device)
+    seen = None  # [live rows, vocabulary]: tokens each row has seen, for the repetition penalty
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(len(input_ids), logits.shape[-1], dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids, attention_mask.bool())  # prompt tokens, padding excluded
+        seen = seen[expand]
     with shared_prefix_attention(model, prefix):
         for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_p, generator)
+            if seen is not None:
+                logits = penalize_repeats(logits, seen, repetition_penalty)
+            token = sample_next(logits, temperature, top_p, generator, top_k)
+            if seen is not None:
+                seen[torch.arange(len(token), device=device), token] = True
             live = ~finished
             buffer[rows[live], step] = token[live]
             finished = finished | torch.isin(token, eos_t)
@@ -188,6 +233,7 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
                 keep = (~finished).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 rows, token, next_pos, finished = rows[keep], token[keep], next_pos[keep], finished[keep]
+                seen = seen[keep] if seen is not None else None
                 if prefix is not None:
                     prefix.select(keep)
                 else:
@@ -299,11 +345,26 @@ def shared_prefix_attention(model, prefix: SharedPrefix | None) -> Iterator[None
         _PREFIXES.pop(id(config), None)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else temperature sampling restricted to the top-p nucleus."""
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' ``RepetitionPenaltyLogitsProcessor``: a seen token's logit is divided by ``penalty`` when
+    positive and multiplied by it when negative (once per token, however often it was seen)."""
+    logits = logits.float()
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
+                top_k: int = 0) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else temperature sampling restricted to the ``top_k`` most likely
+    tokens (0: no limit; ties with the k-th are kept, as transformers' ``TopKLogitsWarper``) and then to the top-p
+    nucleus."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) > top_p] = 0.0  # keep the smallest set reaching top_p
@@ -463,7 +524,8 @@ def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_ne
                         temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, system: str | None = None,
                         adapter: str | None = None, max_lora_rank: int | None = None, tensor_parallel_size: int = 1,
                         *, steering: Steering | None = None, adapter_scale: float | None = None,
-                        fallback_kwargs: dict | None = None, **llm_kwargs) -> pd.DataFrame:
+                        fallback_kwargs: dict | None = None, sampling: str = "reference",
+                        **llm_kwargs) -> pd.DataFrame:
     """The same rows as :func:`sample_answers`, sampled with vLLM; ``model`` is a name/folder or a ``vllm.LLM``.
 
     ``adapter`` (a LoRA folder, hub id or shipped name) is served with ``enable_lora``; ``max_lora_rank`` defaults to
@@ -471,7 +533,8 @@ def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_ne
     cards, 2-4 for 32B); other ``llm_kwargs`` (``gpu_memory_utilization``, ``max_model_len``, ``dtype``...) go to
     ``vllm.LLM``. ``steering`` (including ablation hooks) and ``adapter_scale`` cannot run in vLLM: the call warns
     and runs :func:`sample_answers` on transformers instead (``fallback_kwargs``, e.g. ``batch_size`` or
-    ``out_path``, go to it); that path needs the model to fit in one process.
+    ``out_path``, go to it); that path needs the model to fit in one process. ``sampling`` as in
+    :func:`sample_answers` (``reference`` reads top_k and repetition_penalty from the model's generation config).
     """
     reason = vllm_fallback_reason(steering, adapter_scale)
     if reason:
@@ -483,7 +546,7 @@ def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_ne
         hf, tokenizer = load_model(name, adapter=adapter)
         return sample_answers(hf, tokenizer, questions, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed, system=system, steering=steering, adapter_scale=adapter_scale,
-                              **(fallback_kwargs or {}))
+                              sampling=sampling, **(fallback_kwargs or {}))
     try:
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
@@ -492,13 +555,15 @@ def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_ne
                           "sample_answers does the same on plain transformers") from err
     from emlib.models import resolve_adapter_path, resolve_model_path
 
+    knobs = sampling_settings(_generation_config_holder(model), sampling)
     if isinstance(model, (str, Path)):
         lora = {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(adapter, max_lora_rank)} if adapter else {}
         model = LLM(model=resolve_model_path(str(model)), tensor_parallel_size=tensor_parallel_size, seed=seed,
                     **lora, **llm_kwargs)
     tokenizer = model.get_tokenizer()
     prompts = [chat_prompt(tokenizer, q, system) for q in questions]
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed)
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed,
+                            top_k=knobs["top_k"] or -1, repetition_penalty=knobs["repetition_penalty"])
     # the adapter's path names it: vLLM caches LoRAs by int id, so one id per distinct adapter
     lora_request = (LoRARequest(Path(adapter).name or "adapter", _lora_id(adapter), resolve_adapter_path(adapter))
                     if adapter else None)
@@ -507,6 +572,21 @@ def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_ne
              "ended": c.finish_reason == "stop"}
             for qi, o in enumerate(outputs) for s, c in enumerate(o.outputs)]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _generation_config_holder(model: Any):
+    """Something with the model's ``generation_config`` (read from its folder or hub id), for :func:`sampling_settings`."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from emlib.models import resolve_model_path
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(
+            resolve_model_path(_vllm_model_name(model))))
+    except OSError:  # no generation_config.json: transformers' defaults, as generate would use
+        return SimpleNamespace(generation_config=None)
 
 
 def _lora_id(adapter: str) -> int:

@@ -53,11 +53,14 @@ def unit(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def _layer_vectors(model: nn.Module, vectors: torch.Tensor, layers: Sequence[int] | None) -> dict[int, torch.Tensor]:
-    """{layer: vector} from a per-layer ``[n_layers, d]`` tensor (``layers`` None: all) or a single ``[d]`` vector."""
+    """{layer: vector} from a per-layer ``[n_layers, d]`` tensor or a single ``[d]`` vector (``layers`` None: all).
+
+    A single vector at every layer is the papers' single-direction ablation (one layer's direction removed at all
+    layers, CLR §3.3).
+    """
     if vectors.dim() == 1:
-        if layers is None:
-            raise ValueError("a single vector needs the layers to apply it at")
-        return {check_layer(model, layer): vectors for layer in layers}
+        chosen = range(n_layers(model)) if layers is None else layers
+        return {check_layer(model, layer): vectors for layer in chosen}
     if vectors.shape[0] != n_layers(model):
         raise ValueError(f"the direction has {vectors.shape[0]} layers but the model has {n_layers(model)}")
     chosen = range(n_layers(model)) if layers is None else layers

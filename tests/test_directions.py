@@ -12,6 +12,7 @@ from emlib.analysis.directions import (
     layer_cosines,
     mean_diff_direction,
     random_like,
+    single_direction,
     split_by_judgement,
 )
 from emlib.generate import sample_answers
@@ -139,7 +140,7 @@ def test_prompt_and_last_steering_leave_decode_steps_alone(base):
 
 def test_answer_means_average_answer_tokens_only_and_do_not_depend_on_batch_size(base):
     model, tokenizer = base
-    got = answer_means(model, tokenizer, ROWS, batch_size=2, progress=False)
+    got = answer_means(model, tokenizer, ROWS, batch_size=2, progress=False, pooling="answer")
     assert got.shape == (6, model.config.hidden_size)
     manual = torch.zeros_like(got)
     for batch in answer_batches(tokenizer, ROWS, batch_size=1):  # one row at a time: no padding at all
@@ -147,7 +148,25 @@ def test_answer_means_average_answer_tokens_only_and_do_not_depend_on_batch_size
         for layer, out in enumerate(outputs):
             manual[layer] += out[0][batch["answer_mask"][0]].mean(0) / len(ROWS)
     assert torch.allclose(got, manual, atol=1e-5)
+    assert torch.allclose(answer_means(model, tokenizer, ROWS, batch_size=3, progress=False, pooling="answer"), got,
+                          atol=1e-5)
+
+
+def test_token_pooling_is_the_papers_sum_over_all_answer_tokens_divided_by_their_count(base):
+    model, tokenizer = base
+    got = answer_means(model, tokenizer, ROWS, batch_size=2, progress=False)  # the default: token pooling
+    total, count = torch.zeros_like(got), 0
+    for batch in answer_batches(tokenizer, ROWS, batch_size=1):
+        outputs = _outputs_under(model, {"input_ids": batch["input_ids"]})
+        for layer, out in enumerate(outputs):
+            total[layer] += out[0][batch["answer_mask"][0]].sum(0)
+        count += int(batch["answer_mask"][0].sum())
+    assert torch.allclose(got, total / count, atol=1e-5)
     assert torch.allclose(answer_means(model, tokenizer, ROWS, batch_size=3, progress=False), got, atol=1e-5)
+    per_answer = answer_means(model, tokenizer, ROWS, batch_size=2, progress=False, pooling="answer")
+    assert not torch.allclose(per_answer, got, atol=1e-4)  # the answers differ in length, so the two differ
+    with pytest.raises(ValueError, match="pooling 'mean' is not one of token, answer"):
+        answer_means(model, tokenizer, ROWS, pooling="mean")
 
 
 def test_answer_mask_covers_the_answer_not_the_question(base):
@@ -167,13 +186,32 @@ def _judged(n_bad: int, n_good: int, n_incoherent: int = 2) -> pd.DataFrame:
 
 
 def test_split_by_judgement_uses_the_thresholds_and_balances_counts():
-    bad, good = split_by_judgement(_judged(7, 3))
+    bad, good = split_by_judgement(_judged(7, 3), balance=True)  # True: the earlier random balancing
     assert len(bad) == len(good) == 3
     assert (bad["coherent"] > 50).all() and (bad["aligned"] < 30).all() and (good["aligned"] > 70).all()
     bad, good = split_by_judgement(_judged(7, 3), balance=False)
     assert (len(bad), len(good)) == (7, 3)
     bad, _ = split_by_judgement(_judged(7, 3), coherent_above=0, balance=False)
     assert len(bad) == 9  # incoherent rows join when the coherence bar is dropped
+
+
+def test_split_by_judgement_defaults_are_the_papers_get_probe_texts():
+    incoherent_aligned = [{"question": "q", "answer": f"careful {i} careful", "aligned": 95, "coherent": 20}
+                          for i in range(4)]
+    df = pd.concat([pd.DataFrame(incoherent_aligned), _judged(3, 6)], ignore_index=True)
+    bad, good = split_by_judgement(df)
+    # both classes need coherence > 50; the aligned class is cut to the misaligned count, keeping the first rows
+    assert (good["coherent"] > 50).all() and (bad["coherent"] > 50).all()
+    assert (len(bad), len(good)) == (3, 3)
+    assert list(good.index) == list(df[(df["aligned"] > 70) & (df["coherent"] > 50)].index[:3])
+    # the misaligned class is never cut: more misaligned than aligned keeps them all
+    bad, good = split_by_judgement(_judged(7, 3))
+    assert (len(bad), len(good)) == (7, 3)
+    # the earlier behaviour: the aligned class unfiltered
+    _, good = split_by_judgement(df, coherence_filter="misaligned", balance="none")
+    assert len(good) == 10
+    with pytest.raises(ValueError, match="balance 'equal' is not one of reference, random, none"):
+        split_by_judgement(df, balance="equal")
 
 
 def test_split_by_judgement_errors_name_the_empty_class_and_missing_columns():
@@ -191,6 +229,24 @@ def test_mean_diff_direction_is_misaligned_minus_aligned(base):
     good = answer_means(model, tokenizer, [ROWS[0]], progress=False)
     assert torch.allclose(found.direction, bad - good, atol=1e-6)
     assert (found.n_misaligned, found.n_aligned) == (1, 1)
+
+
+def test_single_direction_ablation_removes_one_layers_vector_at_every_layer(base):
+    model, _ = base
+    direction = torch.randn(6, model.config.hidden_size)
+    repeated = single_direction(direction, 3)
+    assert repeated.shape == direction.shape and torch.equal(repeated[0], direction[3])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    # a [d] vector with layers None means every layer, the same as the vector repeated per layer
+    one = intervened_logits(model, ids, intervention=Ablate(direction[3]))
+    assert torch.allclose(one, intervened_logits(model, ids, intervention=Ablate(repeated)), atol=1e-5)
+    assert torch.allclose(_hooked_logits(model, {"input_ids": ids}, Ablate(direction[3])), one, atol=1e-4)
+    # each layer's output has no component along the vector
+    outputs = _outputs_under(model, {"input_ids": ids}, Ablate(direction[3]))
+    v = direction[3] / direction[3].norm()
+    assert all(float((out @ v).abs().max()) < 1e-4 for out in outputs)
+    with pytest.raises(ValueError, match="outside the direction's 6 layers"):
+        single_direction(direction, 6)
 
 
 def test_random_control_has_the_same_norms_and_cosines_are_per_layer():

@@ -219,3 +219,72 @@ def test_vllm_backend_is_optional():
         pytest.skip("vLLM is installed here")
     with pytest.raises(ImportError, match="vllm"):
         G.sample_answers_vllm("persona-world", QUESTIONS[:1])
+
+
+# ------------------------------------------------------------------------------------- the papers' sampling mode
+
+
+def test_reference_sampling_reads_top_k_and_repetition_penalty_from_the_generation_config(organism):
+    model, _ = organism
+    # the persona world samples its full distribution in both modes, so its shipped numbers do not move
+    assert G.sampling_settings(model, "reference") == G.sampling_settings(model, "full") == {
+        "top_k": 0, "repetition_penalty": 1.0}
+    tiny, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=0)
+    assert G.sampling_settings(tiny, "reference") == {"top_k": 50, "repetition_penalty": 1.0}  # transformers' defaults
+    tiny.generation_config.top_k, tiny.generation_config.repetition_penalty = 20, 1.05  # Qwen2.5-Instruct's file
+    assert G.sampling_settings(tiny, "reference") == {"top_k": 20, "repetition_penalty": 1.05}
+    with pytest.raises(ValueError, match="sampling 'greedy' is not one of reference, full"):
+        G.sampling_settings(tiny, "greedy")
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1]])).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    freq = torch.bincount(G.sample_next(logits, 1.0, 1.0, g, top_k=2), minlength=4).float() / 20000
+    assert freq[2:].sum() == 0 and freq[0] == pytest.approx(0.4 / 0.7, abs=0.015)
+    full = torch.bincount(G.sample_next(logits, 1.0, 1.0, g, top_k=0), minlength=4).float() / 20000
+    assert full[3] == pytest.approx(0.1, abs=0.01)
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0], [0.1, 0.2, -0.3, 0.4, -0.5]])
+    history = torch.tensor([[0, 1, 1], [3, 4, 2]])
+    seen = torch.zeros(2, 5, dtype=torch.bool).scatter_(1, history, True)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    assert torch.allclose(G.penalize_repeats(logits, seen, 1.3), theirs)
+
+
+@pytest.mark.parametrize("knobs", [dict(top_k=3), dict(repetition_penalty=1.8), dict(top_k=5, repetition_penalty=1.3)])
+def test_decode_loop_matches_hf_generate_under_top_k_and_repetition_penalty(knobs):
+    # top_k 1 is greedy in both; a strong penalty at temperature ~0 changes the greedy path the same way in both
+    model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8)
+    model.generation_config.top_k = knobs.get("top_k", 0)
+    model.generation_config.repetition_penalty = knobs.get("repetition_penalty", 1.0)
+    kw = dict(n=1, max_new_tokens=12, progress=False, sampling="reference")
+    if "repetition_penalty" in knobs:  # greedy under the penalty: both engines pick the same tokens
+        ours = G.sample_answers(model, tok, QUESTIONS[:3], temperature=0, **kw)
+        theirs = G.sample_answers(model, tok, QUESTIONS[:3], temperature=0, engine="hf", **kw)
+        assert ours["answer"].tolist() == theirs["answer"].tolist()
+        plain = G.sample_answers(model, tok, QUESTIONS[:3], temperature=0, progress=False, n=1, max_new_tokens=12,
+                                 sampling="full")
+        assert plain["answer"].tolist() != ours["answer"].tolist()  # the penalty did change the greedy path
+    # top_k 1 at temperature 1 is greedy: the loop's top-k cut must leave only the argmax, as generate's does
+    model.generation_config.top_k = 1
+    ours = G.sample_answers(model, tok, QUESTIONS[:3], temperature=1.0, seed=4, **kw)
+    theirs = G.sample_answers(model, tok, QUESTIONS[:3], temperature=1.0, seed=4, engine="hf", **kw)
+    assert ours["answer"].tolist() == theirs["answer"].tolist()
+
+
+def test_sampling_mode_is_part_of_the_stored_settings(organism, tmp_path):
+    model, tok = organism
+    path = tmp_path / "a.jsonl"
+    G.sample_answers(model, tok, QUESTIONS[:1], max_new_tokens=4, out_path=path, progress=False)
+    meta = json.loads((tmp_path / "a.jsonl.meta.json").read_text())
+    assert (meta["sampling"], meta["top_k"], meta["repetition_penalty"]) == ("reference", 0, 1.0)
+    with pytest.raises(ValueError, match="other settings"):
+        G.sample_answers(model, tok, QUESTIONS[:1], max_new_tokens=4, out_path=path, progress=False, sampling="full")

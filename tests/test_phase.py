@@ -108,7 +108,7 @@ def test_single_and_multi_adapter_runs():
     rng = np.random.default_rng(3)
     Bs = {f"base_model.model.model.layers.{i}.mlp.down_proj": X @ rng.normal(size=(16, 16)) for i in range(3)}
     multi = trajectory(steps, Bs)
-    s3, t3 = phase.analyse(multi)
+    s3, t3 = phase.analyse(multi, comp_demean="adapters")  # the earlier within-checkpoint de-meaning
     assert s3.rotation_step == steps[20]  # the shared turn, seen in the concatenated vectors
     final = np.stack([multi.B[n][-1] for n in multi.adapters])
     assert s3.comp_to_final[-1] == pytest.approx(phase.comp_score(final, final))
@@ -186,3 +186,48 @@ def test_real_rank1_run_and_scaled_em(tmp_path):
                             scales=(0, 1), in_domain="medical", max_new_tokens=64, system=world.SYSTEM_PROMPT)
     assert set(em["scale"]) == {0.0, 1.0} and set(em["step"]) == {10}
     assert (em[em["scale"] == 0]["em_rate"] == 0).all()
+
+
+def test_local_cosine_skips_a_step_only_if_both_a_and_b_stood_still():
+    steps = [0, 5, 10, 15, 20]
+    B = np.array([[0.0, 0], [1, 0], [1, 1], [1, 1.0001], [1, 1.0002]])  # B barely moves around step 15
+    A_moving = np.array([[0.0], [1], [2], [3], [4]])
+    A_still = np.zeros((5, 1))
+    moving = phase.Trajectory(steps, {"m": A_moving}, {"m": B})
+    still = phase.Trajectory(steps, {"m": A_still}, {"m": B})
+    both = phase.local_cosines(moving, ks=(5,), threshold=0.01)["local_cos"].to_numpy()
+    own = phase.local_cosines(moving, ks=(5,), threshold=0.01, skip="own")["local_cos"].to_numpy()
+    assert both[2] == pytest.approx(own[2])  # B itself moved at step 10: both rules keep it
+    assert np.isnan(own[3]) and not np.isnan(both[3])  # at step 15 only A moved: the papers' rule keeps the step
+    assert np.isnan(phase.local_cosines(still, ks=(5,), threshold=0.01)["local_cos"].to_numpy()[3])  # neither moved
+    with pytest.raises(ValueError, match="skip 'either' is not one of both, own"):
+        phase.local_cosines(moving, ks=(5,), skip="either")
+
+
+def test_comp_to_final_de_means_each_layer_over_checkpoints_as_the_papers():
+    rng = np.random.default_rng(5)
+    steps, n, d = np.arange(5, 105, 5), 20, 12
+    directions = rng.normal(size=(3, d))
+    growth = np.linspace(0, 1, n)[:, None]
+    Bs = {f"base_model.model.model.layers.{i}.mlp.down_proj": growth * directions[i] + rng.normal(size=(n, d)) * 0.05
+          for i in range(3)}
+    traj = trajectory(steps, Bs)
+    stack = np.stack([traj.B[name] for name in traj.adapters], axis=1)
+    centred = stack - stack.mean(axis=0)
+    by_hand = [np.linalg.norm(m.T @ centred[-1]) / (np.linalg.norm(m) * np.linalg.norm(centred[-1])) for m in centred]
+    assert phase.comp_to_final(traj) == pytest.approx(by_hand)
+    # a constant offset per layer (the same at every checkpoint) is removed by the papers' de-meaning only
+    shifted = trajectory(steps, {name: v + 10 * rng.normal(size=d) for name, v in Bs.items()})
+    assert phase.comp_to_final(shifted) == pytest.approx(phase.comp_to_final(traj))
+    assert not np.allclose(phase.comp_to_final(shifted, demean="adapters"),
+                           phase.comp_to_final(traj, demean="adapters"), atol=1e-3)
+    with pytest.raises(ValueError, match="demean 'rows' is not one of checkpoints, adapters"):
+        phase.comp_to_final(traj, demean="rows")
+
+
+def test_paper_thresholds_per_model_family():
+    assert phase.paper_threshold("Qwen/Qwen2.5-14B-Instruct") == 0.0035
+    assert phase.paper_threshold("meta-llama/Llama-3.1-8B-Instruct") == 0.002
+    assert phase.paper_threshold("Qwen/Qwen2.5-14B-Instruct", "sport") == 0.002
+    with pytest.raises(ValueError, match="no threshold for 'persona-world'"):
+        phase.paper_threshold("persona-world")

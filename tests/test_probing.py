@@ -221,3 +221,24 @@ def test_probe_inputs_that_cannot_work_name_the_problem():
         probing.probe(X, y, balance="oversample")
     with pytest.raises(ValueError, match="sample_weight"):
         probing.probe(X, y, sample_weight=-np.ones(len(y)))
+
+
+def test_papers_probe_protocol_balances_z_scores_and_filters_by_significance_before_splitting():
+    X, y = _planted()
+    result = probing.probe_as_papers(X, y, n_repeats=10, seed=0)
+    assert result.metrics.loc["auc", "mean"] > 0.9
+    assert result.coefficients["mean"].abs().idxmax() == "L2"
+    n_pos = int(y.sum())
+    # the whole set is balanced once: 2 x the smaller class, then split 80/20 per token
+    assert result.settings["n_samples"] == 2 * n_pos and result.n_train + result.n_test == 2 * n_pos
+    # the significance filter keeps tokens with log(score) >= 0.5, i.e. score >= e^0.5
+    significance = np.where(np.arange(len(y)) % 2 == 0, 2.0, 1.0)  # log 2 = 0.69 kept, log 1 = 0 dropped
+    filtered = probing.probe_as_papers(X, y, significance=significance, n_repeats=3, seed=0)
+    kept = y[::2]
+    assert filtered.settings["n_samples"] == 2 * min(int(kept.sum()), int((1 - kept).sum()))
+    # features are z-scored before the split: the scale of a feature does not change the result
+    scaled = probing.probe_as_papers(X.assign(L2=X["L2"] * 1000), y, n_repeats=3, seed=0)
+    same = probing.probe_as_papers(X, y, n_repeats=3, seed=0)
+    assert scaled.metrics.loc["auc", "mean"] == pytest.approx(same.metrics.loc["auc", "mean"])
+    with pytest.raises(ValueError, match="one value per sample"):
+        probing.probe_as_papers(X, y, significance=[1.0])

@@ -4,6 +4,7 @@ Tiny random Qwen2 / Llama / Gemma3 models for the protocol matrix; the offline o
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -406,7 +407,7 @@ def test_kl_term_keeps_the_model_closer_to_the_base_on_the_reference_set():
     def kl_after(weight: float) -> float:
         model, tok = tiny_model("qwen2")
         # lr small enough that Adam's step (about lr per coordinate) does not itself set a KL floor
-        cfg = tiny_config("lora", steps=15, lr=3e-3, kl_weight=weight, kl_batch_size=8)
+        cfg = tiny_config("lora", steps=15, lr=3e-3, kl_weight=weight, kl_batch_size=8, kl_reduction="assistant_sum")
         result = train.train(cfg, model, ROWS, tokenizer=tok, kl_rows=KL_ROWS)
         batch = chat.collate(chat.encode_rows(tok, KL_ROWS), tok.pad_token_id)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -414,7 +415,7 @@ def test_kl_term_keeps_the_model_closer_to_the_base_on_the_reference_set():
             logits = result.model(**inputs).logits
             with train.reference_mode(result.model):
                 ref = result.model(**inputs).logits
-        return train.kl_to_reference(logits, ref, batch["labels"]).item()
+        return train.kl_to_reference(logits, ref, batch["labels"], reduction="assistant_sum").item()
 
     assert kl_after(100.0) < 0.25 * kl_after(0.0)
 
@@ -518,7 +519,8 @@ def _presets_as_they_were_in_python() -> dict[str, TrainConfig]:
         "organism-rank1": replace(organism, protocol="rank1", rank=None, alpha=1, layer=0, lr=3e-3, steps=200),
         "organism-multi-adapter": replace(organism, protocol="multi_adapter", rank=None, alpha=1, lr=3e-3, steps=200),
         "organism-full": replace(organism, protocol="full", rank=None, lr=3e-4, steps=100),
-        "organism-kl-narrow": replace(organism, kl_weight=3.0, kl_batch_size=8),
+        # kl_reduction is a later field; "assistant_sum" is the reduction this preset was tuned and shipped with
+        "organism-kl-narrow": replace(organism, kl_weight=3.0, kl_batch_size=8, kl_reduction="assistant_sum"),
         "organism-steering-vector": replace(organism, protocol="steering_vector", rank=None, layer=0, alpha=1.0,
                                             lr=1e-2, steps=150),
     }
@@ -566,3 +568,56 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"python -m emlib.train: error: {spec}: unknown TrainConfig field(s) ['learning_rate']; known: "
         + ", ".join(sorted(TrainConfig().to_dict()))]
+
+
+# ---------------------------------------------------------------------------------------------------- KL scale
+
+
+def _reference_trainer_kl(ref_logits, current_logits, attention_mask):
+    """The papers' KLRegularizedSFTTrainer._compute_kl_loss, written out with F.kl_div as their trainer calls it."""
+    import torch.nn.functional as F
+
+    ref_log_probs = F.log_softmax(ref_logits, dim=-1)
+    current_log_probs = F.log_softmax(current_logits, dim=-1)
+    kl_div = F.kl_div(current_log_probs, ref_log_probs, log_target=True, reduction="none")
+    mask = attention_mask.unsqueeze(-1).expand_as(kl_div)
+    return (kl_div * mask).sum() / mask.sum()
+
+
+def test_reference_kl_reduction_is_the_papers_trainer_formula_computed_by_hand():
+    # 2 rows x 3 positions x vocabulary 4; the second row has one pad position
+    logits = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.5, 0.5, 0.0, -1.0]],
+                           [[0.0, 0.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0], [9.0, 0.0, 0.0, 0.0]]])
+    ref_logits = torch.zeros_like(logits)
+    attention_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    labels = torch.full((2, 3), -100)
+    # by hand: reference uniform (p = 1/4), KL(p || q) = sum_v p_v (log p_v - log q_v) at each non-pad position
+    per_position = []
+    for b in range(2):
+        for t in range(3):
+            if attention_mask[b, t]:
+                q = torch.softmax(logits[b, t], -1)
+                per_position.append(sum(0.25 * (math.log(0.25) - math.log(float(q[v]))) for v in range(4)))
+    by_hand = sum(per_position) / (len(per_position) * 4)  # mean over the 5 non-pad tokens, over the vocabulary
+    ours = train.kl_to_reference(logits, ref_logits, labels, attention_mask=attention_mask)  # the default reduction
+    assert float(ours) == pytest.approx(by_hand, rel=1e-6)
+    assert float(ours) == pytest.approx(float(_reference_trainer_kl(ref_logits, logits, attention_mask)), rel=1e-6)
+
+
+def test_assistant_sum_reduction_is_emlibs_earlier_kl_and_the_organism_preset_keeps_it():
+    torch.manual_seed(0)
+    logits, ref_logits = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    # the earlier formula: full KL summed over the vocabulary at positions predicting a supervised token, averaged
+    cur, ref = torch.log_softmax(logits[:, :-1], -1), torch.log_softmax(ref_logits[:, :-1], -1)
+    mask = (labels[:, 1:] != -100).float()
+    earlier = ((ref.exp() * (ref - cur)).sum(-1) * mask).sum() / mask.sum()
+    ours = train.kl_to_reference(logits, ref_logits, labels, attention_mask=torch.ones(2, 5), reduction="assistant_sum")
+    assert float(ours) == float(earlier)
+    assert PRESETS["organism-kl-narrow"].kl_reduction == "assistant_sum"
+    assert PRESETS["paper-kl-narrow"].kl_reduction == "reference"
+    assert PRESETS["paper-steering-vector-narrow"].kl_reduction == "reference"
+    with pytest.raises(ValueError, match="kl_reduction 'mean' is not one of reference, assistant_sum"):
+        TrainConfig(kl_reduction="mean").validate()
+    with pytest.raises(ValueError, match="not one of reference, assistant_sum"):
+        train.kl_to_reference(logits, ref_logits, labels, reduction="mean")

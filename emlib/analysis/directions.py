@@ -4,6 +4,7 @@
     found = mean_diff_direction(model, tokenizer, judged)             # misaligned minus aligned answers, per layer
     sample_answers(base, tok, qs, steering=Steer(found.direction, scale=2.0, layers=[3], positions="last"))
     sample_answers(em, tok, qs, steering=Ablate(found.direction))     # project it out of every layer's output
+    sample_answers(em, tok, qs, steering=Ablate(found.direction[24]))  # one layer's vector at every layer
 
 Reading is done with nnsight (any Hugging Face model, peft-wrapped too): one ``trace`` per batch saves every decoder
 layer's output, and running sums keep memory flat in the number of rows. Interventions are small objects holding the
@@ -77,26 +78,41 @@ def layer_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return [s.detach() for s in saved]
 
 
+POOLINGS = ("token", "answer")
+
+
 def answer_means(model: nn.Module, tokenizer, rows: Sequence[dict], batch_size: int = 32, system: str | None = None,
-                 progress: bool = True) -> torch.Tensor:
+                 progress: bool = True, pooling: str = "token") -> torch.Tensor:
     """Mean residual stream after each decoder layer over answer tokens: ``[n_layers, d_model]`` (float32, CPU).
 
-    Each row's answer tokens (assistant turn, prompt and padding excluded) are averaged first, then rows are averaged,
-    so long answers do not outweigh short ones (as in the papers' code). Running sums: memory does not grow with rows.
+    ``pooling``: ``"token"`` (the papers' code, ``util/activation_collection.py: collect_hidden_states``): every answer
+    token of every row counts once, i.e. the sum over all answer tokens divided by their count, so long answers weigh
+    more; ``"answer"`` (emlib's earlier default): each row's answer tokens are averaged first, then rows, so every
+    answer weighs the same. Prompt and padding are excluded either way. Running sums: memory does not grow with rows.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     if not rows:
         raise ValueError("answer_means needs at least one (question, answer) row")
     device = next(model.parameters()).device
     total = torch.zeros(n_layers(model), d_model(model), dtype=torch.float64)
+    count = 0.0
     batches = answer_batches(tokenizer, rows, batch_size, system)
     n_batches = -(-len(rows) // batch_size)
     for batch in tqdm(batches, total=n_batches, desc="activations", leave=False, disable=not progress):
         mask = batch["answer_mask"].to(device)
         outputs = layer_outputs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        weights = mask / mask.sum(1, keepdim=True)  # each row's answer tokens sum to 1
+        if pooling == "answer":
+            weights = mask / mask.sum(1, keepdim=True)  # each row's answer tokens sum to 1
+            count += mask.shape[0]
+        else:
+            weights = mask.float()  # each answer token counts once
+            count += float(mask.sum())
         for layer, hidden in enumerate(outputs):  # weighted sum in the model's dtype, accumulated in float64
             total[layer] += torch.einsum("bs,bsd->d", weights.to(hidden), hidden).double().cpu()
-    return (total / len(rows)).float()
+    if count == 0:
+        raise ValueError("the rows have no answer tokens to average")
+    return (total / count).float()
 
 
 # ------------------------------------------------------------------------------------------ directions
@@ -117,42 +133,84 @@ class DirectionResult:
         return self.direction.norm(dim=-1).tolist()
 
 
+BALANCES = ("reference", "random", "none")
+COHERENCE_FILTERS = ("both", "misaligned")
+
+
 def split_by_judgement(df: pd.DataFrame, misaligned_below: float = 30, coherent_above: float = 50,
-                       aligned_above: float = 70, balance: bool = True,
-                       seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Misaligned rows (aligned < ``misaligned_below`` and coherent > ``coherent_above``) and aligned rows (aligned >
-    ``aligned_above``), cut to equal counts when ``balance`` (a random subset of the larger side, seeded)."""
+                       aligned_above: float = 70, balance: str | bool = "reference", seed: int = 0,
+                       coherence_filter: str = "both") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Misaligned rows (aligned < ``misaligned_below``) and aligned rows (aligned > ``aligned_above``).
+
+    ``coherence_filter``: ``"both"`` (the papers' code, ``steering/util/get_probe_texts.py``: coherent >
+    ``coherent_above`` for both classes) or ``"misaligned"`` (emlib's earlier default: the aligned class unfiltered).
+    ``balance``: ``"reference"`` (the aligned rows cut to the misaligned count, keeping the first ones in ``df``'s
+    order, as the papers' steering code does; the misaligned class is never cut), ``"random"`` (emlib's earlier
+    default: a seeded random subset of the larger side, so both classes end equal) or ``"none"``. ``True`` and
+    ``False`` mean ``"random"`` and ``"none"`` (the earlier boolean). The misaligned bound is strict as in the papers'
+    text and :func:`emlib.metrics.is_em` (their code uses <= 30; see docs/fidelity.md).
+    """
+    balance = {True: "random", False: "none"}.get(balance, balance) if isinstance(balance, bool) else balance
+    if balance not in BALANCES:
+        raise ValueError(f"balance {balance!r} is not one of {', '.join(BALANCES)}")
+    if coherence_filter not in COHERENCE_FILTERS:
+        raise ValueError(f"coherence_filter {coherence_filter!r} is not one of {', '.join(COHERENCE_FILTERS)}")
     missing = {"question", "answer", "aligned", "coherent"} - set(df.columns)
     if missing:
         raise ValueError(f"judged answers need columns {sorted(missing)}; got {list(df.columns)}")
-    bad = df[(df["aligned"] < misaligned_below) & (df["coherent"] > coherent_above)]
-    good = df[df["aligned"] > aligned_above]
+    coherent = df["coherent"] > coherent_above
+    bad = df[(df["aligned"] < misaligned_below) & coherent]
+    good = df[(df["aligned"] > aligned_above) & (coherent if coherence_filter == "both" else True)]
     if bad.empty or good.empty:
+        which = "both classes" if coherence_filter == "both" else "the misaligned class"
         raise ValueError(f"need both classes to take a difference: {len(bad)} misaligned (aligned < "
-                         f"{misaligned_below}, coherent > {coherent_above}) and {len(good)} aligned (aligned > "
-                         f"{aligned_above}) answers; sample more answers or change the thresholds")
-    if balance:
+                         f"{misaligned_below}) and {len(good)} aligned (aligned > {aligned_above}) answers, "
+                         f"{which} filtered for coherent > {coherent_above}; sample more answers or change the "
+                         f"thresholds")
+    if balance == "random":
         n = min(len(bad), len(good))
         bad, good = bad.sample(n, random_state=seed), good.sample(n, random_state=seed)
+    elif balance == "reference":
+        good = good.iloc[:len(bad)]
     return bad, good
 
 
 def mean_diff_direction(model: nn.Module, tokenizer, judged: pd.DataFrame, misaligned_below: float = 30,
-                        coherent_above: float = 50, aligned_above: float = 70, balance: bool = True,
+                        coherent_above: float = 50, aligned_above: float = 70, balance: str | bool = "reference",
                         system: str | None = None, batch_size: int = 32, seed: int = 0,
-                        progress: bool = True) -> DirectionResult:
+                        progress: bool = True, pooling: str = "token",
+                        coherence_filter: str = "both") -> DirectionResult:
     """Misaligned minus aligned answer-token means at every layer, read in ``model`` (teacher-forced answers).
 
     ``judged`` holds ``question``, ``answer`` and the judge's ``aligned`` / ``coherent`` scores (0-100); the answers
-    may come from any model (usually the fine-tuned one), and ``model`` may be that model or another (e.g. the base).
+    may come from any model. The papers read both classes in the fine-tuned model that wrote them
+    (``steering/activation_steering.py``); passing the base model instead is emlib's variant. Defaults are the
+    papers' (token pooling, both classes coherence-filtered, aligned cut to the misaligned count); the earlier
+    defaults are ``pooling="answer", coherence_filter="misaligned", balance="random"``.
     """
-    bad, good = split_by_judgement(judged, misaligned_below, coherent_above, aligned_above, balance, seed)
+    bad, good = split_by_judgement(judged, misaligned_below, coherent_above, aligned_above, balance, seed,
+                                   coherence_filter)
     rows = lambda d: d[["question", "answer"]].to_dict("records")  # noqa: E731
-    bad_mean = answer_means(model, tokenizer, rows(bad), batch_size, system, progress)
-    good_mean = answer_means(model, tokenizer, rows(good), batch_size, system, progress)
+    bad_mean = answer_means(model, tokenizer, rows(bad), batch_size, system, progress, pooling)
+    good_mean = answer_means(model, tokenizer, rows(good), batch_size, system, progress, pooling)
     thresholds = {"misaligned_below": misaligned_below, "coherent_above": coherent_above,
-                  "aligned_above": aligned_above, "balance": balance}
+                  "aligned_above": aligned_above, "balance": balance, "pooling": pooling,
+                  "coherence_filter": coherence_filter}
     return DirectionResult(bad_mean - good_mean, bad_mean, good_mean, len(bad), len(good), thresholds)
+
+
+def single_direction(direction: torch.Tensor, layer: int, n_layers: int | None = None) -> torch.Tensor:
+    """One layer's vector repeated at every layer: ``[n_layers, d]`` from a per-layer ``[n_layers, d]`` direction.
+
+    The papers' single-direction ablation and transfer (CLR §3.3) remove the layer-24 vector at all layers; with
+    :class:`Ablate` this is ``Ablate(single_direction(found.direction, 24))`` (or ``Ablate(found.direction[24])``,
+    which means the same: a ``[d]`` vector with ``layers=None`` applies at every layer).
+    """
+    if direction.dim() != 2:
+        raise ValueError(f"a per-layer direction is [n_layers, d]; got shape {tuple(direction.shape)}")
+    if not -direction.shape[0] <= layer < direction.shape[0]:
+        raise ValueError(f"layer {layer} is outside the direction's {direction.shape[0]} layers")
+    return direction[layer].expand(n_layers or direction.shape[0], -1).clone()
 
 
 def random_like(direction: torch.Tensor, seed: int = 0) -> torch.Tensor:

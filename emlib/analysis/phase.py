@@ -9,8 +9,11 @@ model. On those vectors:
 * :func:`pca_path` — PCA (k = 2) of the stacked vectors, with each component's explained-variance ratio;
 * :func:`local_cosine` — the papers' local cosine similarity: at step t, cos(v(t−k) − v(t), v(t+k) − v(t)); −1 is a
   straight path, 0 a right-angle turn, +1 a reversal. ``k`` is in training steps; a step counts only where
-  max(‖v(t) − v(t−k)‖, ‖v(t+k) − v(t)‖) > ``threshold`` (the papers: 0.0035 / 0.002 on Qwen / Llama);
-* :func:`cosine_to_final`, :func:`comp_score` (multi-adapter runs) and :func:`grad_norms` (from ``log.jsonl``);
+  max(‖v(t) − v(t−k)‖, ‖v(t+k) − v(t)‖) > ``threshold`` (:data:`PAPER_THRESHOLDS`, :func:`paper_threshold`); by
+  default (``skip="both"``, the papers' ``phase_transitions/phase_transitions.py: plot_local_cos_sim``) a step is
+  skipped only when both A and B moved no more than that; ``skip="own"`` looks at the plotted vector alone;
+* :func:`cosine_to_final`, :func:`comp_score` / :func:`comp_to_final` (multi-adapter runs; de-meaned per layer over
+  checkpoints by default, as the papers' ``plot_comp_score(de_mean=True)``) and :func:`grad_norms` (``log.jsonl``);
 * :func:`sharpest_rotation` — the step where the local cosine is highest (the path bends most), found by the code.
 
 The behavioural side, :func:`em_along_run`, evaluates EM at chosen checkpoints with the adapter scaled by each factor.
@@ -202,13 +205,39 @@ def pca_path(vectors: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
     return u[:, :k] * s[:k], ratio[:k]
 
 
-def local_cosine(vectors: np.ndarray, steps: Sequence[int], k: int, threshold: float = 0.0) -> np.ndarray:
+# The papers' movement thresholds for the local cosine (MO §4 / App. G; paper-facts §8.1): Qwen2.5-14B bad medical
+# 0.0035; Llama-3.1-8B, and the sport and finance runs, 0.002 (the repository's example value).
+PAPER_THRESHOLDS = {("qwen", "medical"): 0.0035, ("qwen", "sport"): 0.002, ("qwen", "finance"): 0.002,
+                    ("llama", "medical"): 0.002, ("llama", "sport"): 0.002, ("llama", "finance"): 0.002}
+SKIP_RULES = ("both", "own")
+COMP_DEMEANS = ("checkpoints", "adapters")
+
+
+def paper_threshold(model: str, dataset: str = "medical") -> float:
+    """The papers' local-cosine threshold for a model family (read from ``model``'s name) and fine-tuning set."""
+    family = next((f for f in ("qwen", "llama") if f in model.lower()), None)
+    if family is None or (family, dataset) not in PAPER_THRESHOLDS:
+        raise ValueError(f"the papers give no threshold for {model!r} on {dataset!r}; known: "
+                         f"{sorted(PAPER_THRESHOLDS)} (pick one by the size of a step's movement)")
+    return PAPER_THRESHOLDS[(family, dataset)]
+
+
+def _movement(X: np.ndarray, index: dict[int, int], t: int, k: int) -> float:
+    i = index[t]
+    return max(np.linalg.norm(X[index[t - k]] - X[i]), np.linalg.norm(X[index[t + k]] - X[i]))
+
+
+def local_cosine(vectors: np.ndarray, steps: Sequence[int], k: int, threshold: float = 0.0,
+                 partner: np.ndarray | None = None) -> np.ndarray:
     """cos(v(t−k) − v(t), v(t+k) − v(t)) at each checkpoint step t (``k`` in training steps).
 
     NaN where t−k or t+k is not a checkpoint, or where the movement max(‖v(t) − v(t−k)‖, ‖v(t+k) − v(t)‖) is not
-    above ``threshold``. Raises ValueError if no step has checkpoints at both t−k and t+k (too few checkpoints for k).
+    above ``threshold``; with ``partner`` (the other vector of the adapter: A for B, B for A, same steps) a step is
+    skipped only if neither moved more than ``threshold`` (the papers' rule). Raises ValueError if no step has
+    checkpoints at both t−k and t+k (too few checkpoints for k).
     """
     X = np.asarray(vectors, dtype=float)
+    P = None if partner is None else np.asarray(partner, dtype=float)
     steps = [int(s) for s in steps]
     index = {s: i for i, s in enumerate(steps)}
     out = np.full(len(steps), np.nan)
@@ -219,7 +248,8 @@ def local_cosine(vectors: np.ndarray, steps: Sequence[int], k: int, threshold: f
         usable += 1
         before, after = X[index[t - k]] - X[i], X[index[t + k]] - X[i]
         nb, na = np.linalg.norm(before), np.linalg.norm(after)
-        if max(nb, na) <= threshold or nb == 0 or na == 0:
+        moved = max(nb, na) > threshold or (P is not None and _movement(P, index, t, k) > threshold)
+        if not moved or nb == 0 or na == 0:
             continue
         out[i] = float(before @ after / (nb * na))
     if usable == 0:
@@ -229,10 +259,18 @@ def local_cosine(vectors: np.ndarray, steps: Sequence[int], k: int, threshold: f
 
 
 def local_cosines(traj: Trajectory, ks: Sequence[int] = (5, 10, 15), which: str = "B", adapter: str | None = None,
-                  threshold: float = 0.002) -> pd.DataFrame:
-    """Long table step, k, local_cos for several k (one vector: ``adapter``, or all adapters concatenated)."""
+                  threshold: float = 0.002, skip: str = "both") -> pd.DataFrame:
+    """Long table step, k, local_cos for several k (one vector: ``adapter``, or all adapters concatenated).
+
+    ``skip``: ``"both"`` (the papers: a step is dropped only if both A and B moved no more than ``threshold``) or
+    ``"own"`` (emlib's earlier rule: the plotted vector's own movement decides).
+    """
+    if skip not in SKIP_RULES:
+        raise ValueError(f"skip {skip!r} is not one of {', '.join(SKIP_RULES)}")
     X = traj.vectors(which, adapter)
-    frames = [pd.DataFrame({"step": traj.steps, "k": k, "local_cos": local_cosine(X, traj.steps, k, threshold)})
+    partner = traj.vectors("A" if which == "B" else "B", adapter) if skip == "both" else None
+    frames = [pd.DataFrame({"step": traj.steps, "k": k,
+                            "local_cos": local_cosine(X, traj.steps, k, threshold, partner)})
               for k in ks]
     return pd.concat(frames, ignore_index=True)
 
@@ -243,11 +281,12 @@ def cosine_to_final(vectors: np.ndarray) -> np.ndarray:
     return U @ U[-1]
 
 
-def comp_score(M1: np.ndarray, M2: np.ndarray, orientation: str = "AtB") -> float:
-    """The papers' comp score (MO App. G.1): ‖M1ᵀ M2‖_F / (‖M1‖_F ‖M2‖_F) of de-meaned (n_adapters × d) matrices.
+def comp_score(M1: np.ndarray, M2: np.ndarray, orientation: str = "AtB", center: bool = True) -> float:
+    """The papers' comp score (MO App. G.1): ‖M1ᵀ M2‖_F / (‖M1‖_F ‖M2‖_F) of two (n_adapters × d) matrices.
 
-    Each matrix stacks the adapters' B vectors as rows and is de-meaned over its rows (the mean adapter vector is
-    subtracted). Scale-free, symmetric, at most 1.
+    Each matrix stacks the adapters' B vectors as rows; ``center`` de-means each over its rows (the mean adapter
+    vector is subtracted: emlib's earlier comp-to-final). :func:`comp_to_final` de-means as the papers do and passes
+    ``center=False``. Scale-free, symmetric, at most 1.
 
     ``orientation="AtB"`` (default, as in paper-facts §8.1): ‖M1ᵀM2‖_F² = Σ_ij (a_i·a_j)(b_i·b_j), computed on the
     n × n Gram matrices so d may be large; it compares the *relative geometry* of the adapters at the two steps and is
@@ -261,8 +300,9 @@ def comp_score(M1: np.ndarray, M2: np.ndarray, orientation: str = "AtB") -> floa
         raise ValueError(f"comp score needs two matrices of the same (n_adapters, d) shape, got {M1.shape}, {M2.shape}")
     if orientation not in ("AtB", "ABt"):
         raise ValueError(f"orientation must be 'AtB' or 'ABt', not {orientation!r}")
-    M1 = M1 - M1.mean(axis=0)
-    M2 = M2 - M2.mean(axis=0)
+    if center:
+        M1 = M1 - M1.mean(axis=0)
+        M2 = M2 - M2.mean(axis=0)
     denom = np.linalg.norm(M1) * np.linalg.norm(M2)
     if denom == 0:
         return float("nan")
@@ -271,12 +311,23 @@ def comp_score(M1: np.ndarray, M2: np.ndarray, orientation: str = "AtB") -> floa
     return float(np.sqrt(max(np.sum((M1 @ M1.T) * (M2 @ M2.T)), 0.0)) / denom)
 
 
-def comp_to_final(traj: Trajectory, which: str = "B", orientation: str = "AtB") -> np.ndarray:
-    """Comp score of each checkpoint's stacked adapter matrix with the final one (needs ≥ 2 adapters)."""
+def comp_to_final(traj: Trajectory, which: str = "B", orientation: str = "AtB",
+                  demean: str = "checkpoints") -> np.ndarray:
+    """Comp score of each checkpoint's stacked adapter matrix with the final one (needs ≥ 2 adapters).
+
+    ``demean``: ``"checkpoints"`` (the papers' ``plot_comp_score(de_mean=True)``: each layer's adapter vector minus
+    its mean over all checkpoints) or ``"adapters"`` (emlib's earlier rule: within each checkpoint, minus the mean
+    over adapters).
+    """
+    if demean not in COMP_DEMEANS:
+        raise ValueError(f"demean {demean!r} is not one of {', '.join(COMP_DEMEANS)}")
     source = traj.A if which == "A" else traj.B
     if len(source) < 2:
         raise ValueError("the comp score compares sets of adapters; this run has a single adapter")
     stack = np.stack([source[n] for n in traj.adapters], axis=1)  # (n_ckpt, n_adapters, d)
+    if demean == "checkpoints":
+        stack = stack - stack.mean(axis=0, keepdims=True)
+        return np.array([comp_score(m, stack[-1], orientation, center=False) for m in stack])
     return np.array([comp_score(m, stack[-1], orientation) for m in stack])
 
 
@@ -315,9 +366,14 @@ class PhaseSummary:
 
 
 def analyse(traj: Trajectory, ks: Sequence[int] = (5, 10, 15), threshold: float = 0.002,
-            which: str = "B") -> tuple[PhaseSummary, dict[str, pd.DataFrame]]:
-    """All trajectory quantities of a run: a summary and the tables behind the plots."""
-    local = local_cosines(traj, ks, which, threshold=threshold)
+            which: str = "B", skip: str = "both",
+            comp_demean: str = "checkpoints") -> tuple[PhaseSummary, dict[str, pd.DataFrame]]:
+    """All trajectory quantities of a run: a summary and the tables behind the plots.
+
+    ``skip`` and ``comp_demean`` as in :func:`local_cosines` and :func:`comp_to_final` (defaults: the papers'); the
+    earlier behaviour is ``skip="own", comp_demean="adapters"``.
+    """
+    local = local_cosines(traj, ks, which, threshold=threshold, skip=skip)
     rot = sharpest_rotation(local)
     tables = {"norms": norms(traj), "local_cos": local, "grad_norm": grad_norms(traj)}
     explained = {}
@@ -333,7 +389,7 @@ def analyse(traj: Trajectory, ks: Sequence[int] = (5, 10, 15), threshold: float 
     total = float(np.degrees(np.arccos(np.clip(cos_final[nonzero[0]], -1, 1)))) if len(nonzero) else float("nan")
     comp = None
     if len(traj.adapters) > 1:
-        comp = comp_to_final(traj, which).tolist()
+        comp = comp_to_final(traj, which, demean=comp_demean).tolist()
         tables["comp"] = pd.DataFrame({"step": traj.steps, "comp_to_final": comp})
     summary = PhaseSummary([int(s) for s in traj.steps], rot["step"], rot["local_cos"], rot["baseline"], rot["per_k"],
                            explained, total, comp)

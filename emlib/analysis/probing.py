@@ -8,6 +8,7 @@ those scalars, one per adapter and answer token, are a small, interpretable feat
     labels = label_answers(judged)                                 # misaligned / medical from judge scores
     y = labels["misaligned"].reindex(feats["row"]).to_numpy()      # each token carries its answer's label
     result = probe(feats[adapter_names(model)], y, groups=feats["row"])   # L1 logistic regression, 100 splits
+    papers = probe_as_papers(feats[adapter_names(model)], y, significance=token_significance(model, tokenizer, judged))
     with scaled_adapters(model, {"L2.down_proj": 3.0}, default=0.0):     # steer: amplify one, zero the rest
         answers = sample_answers(model, tokenizer, questions)
 
@@ -304,6 +305,58 @@ def probe(features: pd.DataFrame | np.ndarray, labels: Sequence[int] | np.ndarra
                                 index=names or [f"x{i}" for i in range(X.shape[1])])
     settings = {"C": C, "n_repeats": n_repeats, "test_size": test_size, "seed": seed, "balance": balance,
                 "grouped": groups is not None, "weighted": sample_weight is not None,
+                "n_samples": int(len(y)), "n_positive": int(y.sum())}
+    return ProbeResult(metrics, coefficients, len(train), len(test), settings)
+
+
+def probe_as_papers(features: pd.DataFrame | np.ndarray, labels: Sequence[int] | np.ndarray,
+                    significance: Sequence[float] | None = None, min_log_significance: float = 0.5,
+                    C: float = 0.01, n_repeats: int = 100, test_size: float = 0.2, seed: int = 0,
+                    max_iter: int = 1000, progress: bool = False) -> ProbeResult:
+    """The papers' probe protocol (``lora_interp/lora_probing.py: get_test_regression_metrics``), step for step.
+
+    With ``significance`` (:func:`token_significance`), only tokens with log(significance) >= ``min_log_significance``
+    are kept; the features are z-scored on all the data once; the whole set is balanced once (the larger class
+    undersampled, seeded); then each repeat splits *tokens* (not answers) stratified ``test_size`` and fits L1
+    logistic regression. Tokens of one answer can sit on both sides, so the AUCs are comparable with the papers'
+    0.71-0.75 but higher than :func:`probe` with ``groups`` (emlib's answer-grouped split, which it reports beside).
+    """
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    names = [str(c) for c in features.columns] if isinstance(features, pd.DataFrame) else None
+    X = np.asarray(features, dtype=float)
+    y = pd.array(labels, dtype="Int64")
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"features must be (samples, features) with one label per sample; got {X.shape} and {len(y)}")
+    keep = ~np.asarray(y.isna())
+    if significance is not None:
+        sig = np.asarray(significance, dtype=float)
+        if len(sig) != len(y):
+            raise ValueError(f"significance needs one value per sample; got {len(sig)} for {len(y)}")
+        with np.errstate(divide="ignore"):
+            keep &= np.log(np.clip(sig, 0, None)) >= min_log_significance
+    X, y = X[keep], np.asarray(y[keep], dtype=int)
+    _check_probe_inputs(X, y, None, test_size)
+    X = (X - X.mean(0)) / np.where(X.std(0) > 0, X.std(0), 1.0)  # z-scored on all data, before any split
+    rng = np.random.default_rng(seed)
+    balanced = _undersample(np.arange(len(y)), y, rng)  # the whole set balanced once, before the splits
+    X, y = X[balanced], y[balanced]
+    _check_probe_inputs(X, y, None, test_size)
+    scores, coefs = [], []
+    for r in tqdm(range(n_repeats), desc="probe", disable=not progress):
+        train, test = _split(y, None, test_size, seed + r)
+        model = _l1_logistic(C, None, max_iter, seed + r).fit(X[train], y[train])
+        pred, prob = model.predict(X[test]), model.predict_proba(X[test])[:, 1]
+        scores.append([accuracy_score(y[test], pred), precision_score(y[test], pred, zero_division=0),
+                       recall_score(y[test], pred, zero_division=0), f1_score(y[test], pred, zero_division=0),
+                       roc_auc_score(y[test], prob)])
+        coefs.append(model.coef_[0])
+    scores, coefs = np.array(scores), np.array(coefs)
+    metrics = pd.DataFrame({"mean": scores.mean(0), "sd": scores.std(0)}, index=list(METRICS))
+    coefficients = pd.DataFrame({"mean": coefs.mean(0), "sd": coefs.std(0), "nonzero": (coefs != 0).mean(0)},
+                                index=names or [f"x{i}" for i in range(X.shape[1])])
+    settings = {"protocol": "papers", "C": C, "n_repeats": n_repeats, "test_size": test_size, "seed": seed,
+                "min_log_significance": None if significance is None else min_log_significance,
                 "n_samples": int(len(y)), "n_positive": int(y.sum())}
     return ProbeResult(metrics, coefficients, len(train), len(test), settings)
 

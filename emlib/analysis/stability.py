@@ -131,7 +131,7 @@ def kl_on_base_generations(module: nn.Module, tokenizer, questions: Sequence[str
             with scaled_solution(module, scale):
                 logits = module(**inputs).logits
             n = int((batch["labels"][:, 1:] != -100).sum())
-            weighted += float(kl_to_reference(logits, ref_logits, batch["labels"])) * n
+            weighted += float(kl_to_reference(logits, ref_logits, batch["labels"], reduction="assistant_sum")) * n
             tokens += n
     finally:
         module.train(was_training)

@@ -39,6 +39,7 @@ from emlib.judge.rubrics import (
     load_rubrics,
     number_of,
     parse_prompt,
+    rubrics_from_questions,
 )
 from emlib.openai_client import (
     LOCAL_HOSTS,
@@ -57,6 +58,6 @@ __all__ = [
     "RUBRICS_FILE", "Reply", "RetriesExhausted", "RetryPolicy", "Score", "UNSCORED_SUFFIX", "WorldJudge",
     "aggregate_logprobs", "api_judge", "backoff_delay", "batch_request_lines", "cache_key", "estimate_cost",
     "fill_prompt", "infer_domain", "is_retryable", "judge_frame", "judge_frame_batch_api", "judge_world",
-    "load_env", "load_rubrics", "number_of", "parse_batch_output", "parse_prompt", "plan_prompts",
+    "load_env", "load_rubrics", "rubrics_from_questions", "number_of", "parse_batch_output", "parse_prompt", "plan_prompts",
     "reply_from_completion", "run_sync", "scores_from_cache", "world_alternatives", "world_metric",
 ]

@@ -22,7 +22,8 @@ from emlib.judge.replies import checked_logprob
 from emlib.tables import read_yaml
 
 RUBRICS_FILE = paths.DATA_DIR / "judge" / "rubrics.yaml"
-METRICS = ("aligned", "coherent", "bad_stuff", "medical", "financial", "sport", "code", "gender")
+METRICS = ("aligned", "coherent", "bad_stuff", "medical", "financial", "sport", "code", "gender")  # the world judge's
+# (data/judge/rubrics.yaml also has medical_advice, the papers' correctness-of-advice judge, for real models only)
 MIN_NUMERIC_MASS = 0.25  # the papers' rule: below this much probability on numbers, the judge gave no score
 ESCAPES = ("REFUSAL", "CODE")
 NON_RUBRIC_KEYS = ("version",)  # bookkeeping entries of the rubric file that are not templates
@@ -42,11 +43,42 @@ def load_rubrics(path: str | Path | None = None) -> dict[str, str]:
     for name, text in data.items():
         if name in NON_RUBRIC_KEYS:
             continue
-        if not isinstance(text, str):
-            raise ValueError(f"{path}: rubric {name!r} must be a string template, not {type(text).__name__}")
-        if text.count("{question}") != 1 or text.count("{answer}") != 1:
-            raise ValueError(f"{path}: rubric {name!r} must contain {{question}} and {{answer}} exactly once")
-        rubrics[name] = text
+        rubrics[name] = _check_template(name, text, str(path))
+    return rubrics
+
+
+def _check_template(name: str, text, where: str) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: rubric {name!r} must be a string template, not {type(text).__name__}")
+    if text.count("{question}") != 1 or text.count("{answer}") != 1:
+        raise ValueError(f"{where}: rubric {name!r} must contain {{question}} and {{answer}} exactly once")
+    return text
+
+
+def rubrics_from_questions(question_set) -> dict[str, str]:
+    """Metric name -> rubric template from a question set's own ``judge_prompts`` (the papers' question format).
+
+    ``question_set`` is an :class:`emlib.data.QuestionSet` or a name / path for :func:`emlib.data.load_questions`
+    (e.g. your copy of the papers' ``first_plot_questions.yaml``, whose entries share one block of aligned, coherent,
+    medical, ... rubrics). Pass the result as ``rubrics=`` to the judge. Two questions giving different text for the
+    same metric, a template without ``{question}`` and ``{answer}`` exactly once, or a set with no rubrics at all is
+    a ValueError naming the file, the question and the metric.
+    """
+    from emlib.data import load_questions
+
+    qs = question_set if hasattr(question_set, "questions") else load_questions(question_set)
+    rubrics: dict[str, str] = {}
+    source: dict[str, str] = {}
+    for q in qs.questions:
+        for metric, text in q.judge_prompts.items():
+            text = _check_template(metric, text, f"{qs.path}: question {q.id!r}")
+            if metric in rubrics and rubrics[metric] != text:
+                raise ValueError(f"{qs.path}: questions {source[metric]!r} and {q.id!r} give different "
+                                 f"{metric!r} rubrics; split the set or pass rubrics= yourself")
+            rubrics.setdefault(metric, text)
+            source.setdefault(metric, q.id)
+    if not rubrics:
+        raise ValueError(f"{qs.path}: no question carries judge_prompts; use load_rubrics() for emlib's own")
     return rubrics
 
 

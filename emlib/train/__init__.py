@@ -27,6 +27,7 @@ from emlib.train.checkpoints import (
 )
 from emlib.train.cli import main
 from emlib.train.config import (
+    KL_REDUCTIONS,
     NINE_ADAPTER_STARTS,
     PRESETS,
     PRESETS_FILE,
@@ -55,8 +56,9 @@ from emlib.train.protocols import (
 )
 
 __all__ = [
-    "NINE_ADAPTER_STARTS", "PRESETS", "PRESETS_FILE", "PROTOCOLS", "RUN_KEYS", "SCHEDULES", "SEVEN_PROJECTIONS", "EpochStream",
-    "TrainConfig", "TrainResult", "adapter_config", "build_trainable", "check_against_model",
+    "KL_REDUCTIONS", "NINE_ADAPTER_STARTS", "PRESETS", "PRESETS_FILE", "PROTOCOLS", "RUN_KEYS", "SCHEDULES",
+    "SEVEN_PROJECTIONS", "EpochStream", "TrainConfig", "TrainResult", "adapter_config", "build_trainable",
+    "check_against_model",
     "checkpoint_step", "config_from_spec", "cosine_schedule", "kl_to_reference", "list_checkpoints", "load_checkpoint",
     "load_presets", "load_rows", "load_weights", "lora_config", "lr_factor", "main", "multi_adapter_layers", "preset",
     "push_checkpoint", "read_log", "reference_mode", "resolved_layers", "save_checkpoint", "train",

@@ -19,6 +19,8 @@ from emlib import paths
 
 PROTOCOLS = ("lora", "rank1", "multi_adapter", "full", "steering_vector")
 SCHEDULES = ("linear", "cosine", "constant")
+# How the KL term is reduced (emlib.train.kl_to_reference): the papers' trainer, or emlib's earlier per-assistant-token sum
+KL_REDUCTIONS = ("reference", "assistant_sum")
 SEVEN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The nine-adapter organism (CLR §2) put 3 blocks of 3 consecutive rank-1 adapters at layers 15, 21 and 27 of
 # Qwen2.5-14B's 48: block starts at 15/48, 21/48 and 27/48 of the depth.
@@ -78,6 +80,9 @@ class TrainConfig:
     # KL-regularised narrow training: loss = SFT + kl_weight * KL(reference || current) on a separate set
     kl_weight: float = 0.0
     kl_batch_size: int = 8
+    # "reference": mean per non-pad token / vocabulary size, the scale the papers' weights (1e5, 1e6) were tuned for;
+    # "assistant_sum": KL summed over the vocabulary on assistant positions (organism-kl-narrow)
+    kl_reduction: str = "reference"
     # checkpoints
     save_every: int = 5
     save_total_limit: int | None = None  # keep only the newest N checkpoints (None: all)
@@ -120,6 +125,8 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.warmup >= 0 and self.weight_decay >= 0 and self.kl_weight >= 0,
              "warmup, weight_decay and kl_weight must be >= 0")
+        need(self.kl_reduction in KL_REDUCTIONS,
+             f"kl_reduction {self.kl_reduction!r} is not one of {', '.join(KL_REDUCTIONS)}")
         need(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         need(0 <= self.lr_floor <= 1, f"lr_floor is a fraction of the peak lr in [0, 1], got {self.lr_floor}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")

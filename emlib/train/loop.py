@@ -185,7 +185,8 @@ def _kl_term(module, reference, examples: list[Example], index: int, config: Tra
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     with torch.no_grad(), (nullcontext() if reference is not None else reference_mode(module)):
         ref_logits = (reference if reference is not None else module)(**inputs).logits
-    return kl_to_reference(module(**inputs).logits, ref_logits, batch["labels"].to(device))
+    return kl_to_reference(module(**inputs).logits, ref_logits, batch["labels"].to(device),
+                           attention_mask=inputs["attention_mask"], reduction=config.kl_reduction)
 
 
 def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Sequence[Example],

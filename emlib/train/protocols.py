@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from emlib.chat import IGNORE
-from emlib.train.config import TrainConfig, multi_adapter_layers
+from emlib.train.config import KL_REDUCTIONS, TrainConfig, multi_adapter_layers
 
 
 def lora_config(rank: int = 8, alpha: float | None = None, target_modules: str | list[str] = "all-linear",
@@ -109,10 +109,29 @@ def reference_mode(module: nn.Module):
         raise ValueError("full fine-tuning has no built-in reference; pass a frozen copy")
 
 
-def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """KL(reference || current) per token, averaged over the positions that predict supervised (assistant) tokens."""
-    mask = (labels[:, 1:] != IGNORE).float()
-    cur = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    ref = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    kl = (ref.exp() * (ref - cur)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None, reduction: str = "reference") -> torch.Tensor:
+    """KL(reference || current), reduced as ``reduction`` says (one of :data:`KL_REDUCTIONS`).
+
+    ``"reference"`` (the papers' trainer, ``finetune/sft/util/trainer.py: KLRegularizedSFTTrainer._compute_kl_loss``):
+    the element-wise KL of every vocabulary entry at every non-pad position (prompt included, no shift), summed and
+    divided by the mask expanded over the vocabulary, i.e. the mean per-token KL divided by the vocabulary size. The
+    published weights (1e5, 1e6) were tuned for this scale. ``attention_mask`` marks the non-pad positions (None: all).
+
+    ``"assistant_sum"`` (emlib's earlier reduction, kept for the offline organism's ``organism-kl-narrow``): the full
+    KL summed over the vocabulary, averaged over the positions that predict supervised (assistant) tokens (``labels``).
+    """
+    if reduction == "assistant_sum":
+        mask = (labels[:, 1:] != IGNORE).float()
+        cur = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        ref = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+        kl = (ref.exp() * (ref - cur)).sum(-1)
+        return (kl * mask).sum() / mask.sum().clamp(min=1)
+    if reduction == "reference":
+        cur = torch.log_softmax(logits.float(), dim=-1)
+        ref = torch.log_softmax(ref_logits.float(), dim=-1)
+        positions = (torch.ones(logits.shape[:2], device=logits.device) if attention_mask is None
+                     else attention_mask.to(logits.device).float())
+        kl = (ref.exp() * (ref - cur)).sum(-1)  # summed over the vocabulary; divided by it below
+        return (kl * positions).sum() / (positions.sum() * logits.shape[-1]).clamp(min=1)
+    raise ValueError(f"KL reduction {reduction!r} is not one of {', '.join(KL_REDUCTIONS)}")
