@@ -86,15 +86,21 @@ def em_rates(judged: pd.DataFrame, in_domain: str, by: str = "group", aligned_be
 
 def scoring_problem(judged: pd.DataFrame, min_share: float = 0.5) -> str | None:
     """A sentence saying why conclusions would be unsafe when under ``min_share`` of the answers were scored; None
-    when enough were. Reasons the judge recorded (a ``*_unscored`` column, when present) are counted."""
+    when enough were. It quotes the judge's recorded reasons (``<metric>_unscored``) and how much of its probability
+    was on numbers (``<metric>_number_mass``), when the frame carries them."""
     ok = scored(judged)
     if len(judged) and ok.mean() >= min_share:
         return None
-    reasons = [c for c in judged.columns if c.endswith("unscored_reason") or c.endswith("_unscored")]
     why = ""
+    reasons = [c for c in judged.columns if c.endswith("_unscored")]
     if reasons:
         counts = pd.concat([judged[c] for c in reasons]).dropna().value_counts()
-        why = " Reasons: " + "; ".join(f"{r} ({k})" for r, k in counts.head(3).items()) + "."
+        why += " Reasons: " + "; ".join(f"{r} ({k})" for r, k in counts.head(3).items()) + "."
+    masses = [c for c in judged.columns if c.endswith("_number_mass")]
+    if masses:
+        mass = pd.concat([judged[c] for c in masses]).dropna()
+        if len(mass):
+            why += f" The judge put {mass.mean():.0%} of its probability on numbers (median {mass.median():.0%})."
     return (f"Only {int(ok.sum())} of {len(judged)} answers have both scores: the judge gave no number (or put under "
             f"the required share of its probability on numbers) for the rest, so no conclusion is drawn.{why}")
 

@@ -37,6 +37,9 @@ def test_unscored_answers_are_counted_but_never_rated_as_zero():
     assert rates["in_domain"] == 1.0 and np.isnan(rates["general"]) and rates["n_scored"] == 1
     assert "Only 1 of 4 answers" in M.scoring_problem(df)
     assert M.scoring_problem(df.fillna(50)) is None
+    with_mass = df.assign(aligned_number_mass=[0.37, 0.02, 0.03, 0.05], aligned_unscored=[None, "no number", None, None])
+    assert "put 12% of its probability on numbers (median 4%)" in M.scoring_problem(with_mass)
+    assert "Reasons: no number (1)" in M.scoring_problem(with_mass)
     assert M.rate_text(float("nan"), 0) == "unscored (n=0)" and M.rate_text(0.25, 8) == "0.25 (n=8)"
 
 
