@@ -129,9 +129,10 @@ for name, module in solutions.items():
     evals[name] = evaluate(module)
 tables = {name: em_summary(df, in_domain=in_domain) for name, df in evals.items()}
 em = pd.DataFrame({name: t["em_rate"] for name, t in tables.items()}).T.round(3)
-scored_counts = pd.DataFrame({name: t["n_scored"] for name, t in tables.items()}).T
+scored_counts = pd.DataFrame({name: t["n_scored"].astype(str) + "/" + t["n"].astype(str)
+                              for name, t in tables.items()}).T
 problems = {name: p for name, df in evals.items() if (p := scoring_problem(df))}
-display(em, scored_counts.rename_axis("scored answers"))
+display(em, scored_counts.rename_axis("scored / answers"))
 
 # %%
 long = em.reset_index(names="solution").melt(id_vars="solution", var_name="group", value_name="EM rate")
@@ -239,7 +240,8 @@ display(Markdown(reading))
 results["headline"] = reading
 results["em"] = em.to_dict()
 results["narrow_is_narrow"] = narrow_is_narrow
-results["scored"] = scored_counts.to_dict()
+results["scored"] = {name: {g: [int(r["n_scored"]), int(r["n"])] for g, r in t.iterrows()}
+                     for name, t in tables.items()}
 results["loss_vs_scale"] = {name: dict(zip(c.scale, c.loss)) for name, c in curves.groupby("solution")}
 results["norms"] = norms
 results["matched_norm_loss"] = matched.to_dict(orient="records")
@@ -250,6 +252,7 @@ results["summary"][f"EM {in_domain} / {outside}"] = ", ".join(
     f"{k} {pct(v[in_domain])} / {pct(v[outside])}" for k, v in em.iterrows())
 results["summary"]["narrow solution is narrower"] = str(narrow_is_narrow)
 results["tables"]["EM rate by solution and group"] = em.to_markdown()
+results["tables"]["scored / answers by solution and group"] = scored_counts.to_markdown()
 results["tables"]["loss vs scale"] = curves.pivot(index="scale", columns="solution", values="loss").round(4).to_markdown()
 results["tables"]["loss at matched norms"] = matched.round(4).to_markdown(index=False)
 results["tables"]["KL on base generations"] = kl_table.round(5).to_markdown()
