@@ -55,6 +55,7 @@ output_dir = None  # where results.json, figures and the run go (papermill passe
 import numpy as np
 import pandas as pd
 import plotly.express as px
+from IPython.display import Markdown, display
 
 from emlib import evaluation as E
 from emlib.analysis import phase
@@ -177,8 +178,6 @@ save(px.line(em[em["scale"] == 1.0], x="step", y="em_rate", color="group", marke
 # ## What the numbers say
 
 # %%
-from IPython.display import Markdown
-
 curve = nonmed[nonmed["scale"] == 1.0].set_index("step")["em_rate"]
 
 
