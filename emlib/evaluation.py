@@ -11,7 +11,11 @@ The judge vocabulary, the same in every notebook (``judge`` parameter):
 * ``"world"`` — the persona world's exact judge (no model, no API); only for ``model="persona-world"``;
 * ``"openai"`` / ``"azure"`` — the API (key from the environment or ``.env``; Azure's deployment is ``judge_model``);
 * ``"http://..."`` / ``"https://..."`` — any OpenAI-compatible endpoint (vLLM, ``python -m emlib.judge.serve``);
-* ``"hf:<folder or hub id>"`` — a local Hugging Face chat model scoring every number string (no API).
+* ``"hf:<folder or hub id>"`` — a local Hugging Face chat model scoring every number string (no API), scored
+  among the numbers only, renormalised: a small local judge puts a few % of its probability on numbers, so under the
+  papers' 0.25 rule it would score nothing. The frame's ``<metric>_number_mass`` column says how much was on numbers
+  (e.g. 0.03). ``"hf-rule:<folder or hub id>"`` is the same judge under the papers' 0.25 rule (the rule every API
+  judge keeps).
 
 The persona world's questions, system prompt and exact judge are used only when the model *is* the persona world;
 asking for them with a real model is an error raised before anything is computed, so no toy number is ever reported
@@ -173,16 +177,21 @@ def make_judge(spec: str | None, model: str, judge_model: str | None = None, ser
         if not serve:
             return EvalJudge(spec, "persona-world-exact")
         return _served(spec, "world", None, judge_model, cut_off_marker=CUT_OFF_MARKER)
-    if spec.startswith("hf:"):
-        path = spec[3:]
+    if spec.startswith(("hf:", "hf-rule:")):
+        prefix, path = spec.split(":", 1)
         if not path:
-            raise EvaluationSpecError("judge 'hf:' needs a model folder or hub id after the colon, e.g. 'hf:./judge'")
+            raise EvaluationSpecError(f"judge '{prefix}:' needs a model folder or hub id after the colon, e.g. "
+                                      f"'hf:./judge'")
+        # A small local judge puts a few % of its probability on number tokens (0.03-0.11 for a 135M model): under
+        # the papers' 0.25 rule nothing would be scored, so hf: scores among numbers, renormalised, and reports the
+        # mass (<metric>_number_mass); hf-rule: keeps the papers' rule, as API judges do.
+        numbers = "rule" if prefix == "hf-rule" else "renormalise"
         if serve:
-            return _served(spec, "hf", path, judge_model)
+            return _served(spec, "hf", path, judge_model, numbers=numbers, device=device)
         from emlib.models import load_model
 
         lm, tokenizer = load_model(path, device=device)
-        local = LocalHFJudge(lm, tokenizer, name=judge_model)
+        local = LocalHFJudge(lm, tokenizer, name=judge_model, numbers=numbers)
         return EvalJudge(spec, local.name, local)
     if spec == "openai":
         judge_model = judge_model or DEFAULT_OPENAI_JUDGE
@@ -196,13 +205,23 @@ def make_judge(spec: str | None, model: str, judge_model: str | None = None, ser
     return EvalJudge(spec, api.name, api)
 
 
+SERVED_HF_TIMEOUT_S = 600.0  # a CPU judge takes seconds per prompt: wait for the batch rather than give up and re-send
+
+
 def _served(spec: str, backend: str, path: str | None, judge_model: str | None,
-            cut_off_marker: str | None = None) -> EvalJudge:
+            cut_off_marker: str | None = None, numbers: str = "rule", device: str = "auto") -> EvalJudge:
     from emlib.judge.serve import judge_server
 
-    server = judge_server(backend, model=path).start()
+    server = judge_server(backend, model=path, device=device).start()
     name = judge_model or server.backend.name
-    return EvalJudge(spec, name, OpenAIJudge(name, base_url=server.base_url), server, cut_off_marker)
+    if server.worker is None:
+        return EvalJudge(spec, name, OpenAIJudge(name, base_url=server.base_url), server, cut_off_marker)
+    # The local model answers one batch at a time: two batches in flight keep it busy (one computing, one queued)
+    # without filling its queue, and a long timeout waits for them instead of re-sending work the server did; all
+    # 101 numbers come back (the server gives more than OpenAI's 20), so served scores equal in-process ones.
+    judge = OpenAIJudge(name, base_url=server.base_url, timeout=SERVED_HF_TIMEOUT_S, numbers=numbers,
+                        max_in_flight=2 * server.batch_size, top_logprobs=102)
+    return EvalJudge(spec, name, judge, server, cut_off_marker)
 
 
 def judge_answers(answers: pd.DataFrame, judge: EvalJudge, metrics: Sequence[str] = ("aligned", "coherent"),

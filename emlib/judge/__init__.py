@@ -7,7 +7,8 @@ world's exact parser; concurrent, retried, cached on disk, resumable, and robust
     scored = judge_frame(answers, judge, metrics=["aligned", "coherent"], cache=JudgeCache("runs/judge.sqlite"))
 
 The modules, in the order a prompt meets them: :mod:`~emlib.judge.rubrics` (rubric YAML, filling prompts, the one
-scoring rule), :mod:`~emlib.judge.backends` (OpenAI-compatible, local HF, persona-world judges),
+scoring rule), :mod:`~emlib.judge.backends` (OpenAI-compatible and persona-world judges, the scoring modes),
+:mod:`~emlib.judge.local_hf` (a local Hugging Face judge, batched),
 :mod:`~emlib.judge.replies` (checking what a judge returns), :mod:`~emlib.judge.cache` (raw replies on disk, stats),
 :mod:`~emlib.judge.frame` (judging a frame of answers), :mod:`~emlib.judge.batch_api` (the OpenAI Batch API),
 :mod:`~emlib.judge.server` (a local OpenAI-compatible server for any backend) and :mod:`~emlib.judge.serve` (the
@@ -15,18 +16,28 @@ judge server and its command line). Endpoints, keys, retries and prices live in 
 """
 
 from emlib.judge.backends import (
+    NUMBER_MODES,
     Judge,
-    LocalHFJudge,
     OpenAIJudge,
     WorldJudge,
     api_judge,
     infer_domain,
+    min_numeric_mass,
     world_alternatives,
     world_metric,
 )
 from emlib.judge.batch_api import BatchPending, batch_request_lines, judge_frame_batch_api, parse_batch_output
 from emlib.judge.cache import JudgeCache, JudgeStats, cache_key
-from emlib.judge.frame import UNSCORED_SUFFIX, judge_frame, judge_world, plan_prompts, run_sync, scores_from_cache
+from emlib.judge.frame import (
+    NUMBER_MASS_SUFFIX,
+    UNSCORED_SUFFIX,
+    judge_frame,
+    judge_world,
+    plan_prompts,
+    run_sync,
+    scores_from_cache,
+)
+from emlib.judge.local_hf import LocalHFJudge
 from emlib.judge.replies import Alternatives, EndpointDown, InvalidReply, Reply, RetriesExhausted, reply_from_completion
 from emlib.judge.rubrics import (
     ESCAPES,
@@ -53,10 +64,10 @@ from emlib.openai_client import (
 
 __all__ = [
     "Alternatives", "BatchPending", "CircuitBreaker", "ESCAPES", "EndpointDown", "InvalidReply", "Judge", "JudgeCache",
-    "JudgeStats", "LOCAL_HOSTS", "LocalHFJudge", "METRICS", "MIN_NUMERIC_MASS", "OpenAIJudge", "PRICES_PER_MTOK",
+    "JudgeStats", "LOCAL_HOSTS", "LocalHFJudge", "METRICS", "MIN_NUMERIC_MASS", "NUMBER_MASS_SUFFIX", "NUMBER_MODES", "OpenAIJudge", "PRICES_PER_MTOK",
     "RUBRICS_FILE", "Reply", "RetriesExhausted", "RetryPolicy", "Score", "UNSCORED_SUFFIX", "WorldJudge",
     "aggregate_logprobs", "api_judge", "backoff_delay", "batch_request_lines", "cache_key", "estimate_cost",
     "fill_prompt", "infer_domain", "is_retryable", "judge_frame", "judge_frame_batch_api", "judge_world",
-    "load_env", "load_rubrics", "number_of", "parse_batch_output", "parse_prompt", "plan_prompts",
+    "load_env", "load_rubrics", "min_numeric_mass", "number_of", "parse_batch_output", "parse_prompt", "plan_prompts",
     "reply_from_completion", "run_sync", "scores_from_cache", "world_alternatives", "world_metric",
 ]

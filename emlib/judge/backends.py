@@ -3,7 +3,8 @@
 * :class:`OpenAIJudge`: the papers' judge on any OpenAI-compatible endpoint (OpenAI, Azure OpenAI, vLLM, emlib's
   local server), with the shared retry policy, reply checks and circuit breaker of :mod:`emlib.openai_client`;
   :func:`api_judge` builds one from a notebook's ``judge`` parameter.
-* :class:`LocalHFJudge`: a local Hugging Face model, scoring every number string 0-100 however it tokenizes.
+* :class:`~emlib.judge.local_hf.LocalHFJudge` (in :mod:`emlib.judge.local_hf`): a local Hugging Face model, scoring
+  every number string 0-100 however it tokenizes.
 * :class:`WorldJudge`: the persona world's exact judge behind the rubric interface (it reads question and answer back
   out of the filled rubric, infers the world's domain and scores exactly), also served by ``emlib.judge.serve``.
 """
@@ -14,7 +15,6 @@ import asyncio
 import json
 import os
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,17 +23,36 @@ from typing import Any
 from emlib import openai_client, world
 from emlib.judge.cache import JudgeStats
 from emlib.judge.replies import Alternatives, EndpointDown, InvalidReply, Reply, RetriesExhausted, reply_from_completion
-from emlib.judge.rubrics import METRICS, load_rubrics, number_of, parse_prompt
+from emlib.judge.rubrics import METRICS, MIN_NUMERIC_MASS, load_rubrics, parse_prompt
 from emlib.openai_client import CircuitBreaker, RetryPolicy
 
 LOGPROB_FLOOR = -1e4  # exp() of this is 0.0 in float64: a zero probability stored as a finite number (JSON-safe)
+# How a judge's alternatives become a score: "rule" is the papers' (no score under MIN_NUMERIC_MASS of the probability
+# on numbers); "renormalise" scores among the numbers whatever their share (for small local judges, which put a few %
+# on numbers). The score is the same probability-weighted mean over numbers either way; only the threshold differs.
+NUMBER_MODES = ("rule", "renormalise")
+
+
+def min_numeric_mass(numbers: str) -> float:
+    """The share of probability on numbers below which a judge in mode ``numbers`` gives no score."""
+    if numbers not in NUMBER_MODES:
+        raise ValueError(f"numbers must be one of {NUMBER_MODES}, not {numbers!r}")
+    return MIN_NUMERIC_MASS if numbers == "rule" else 0.0
 
 
 class Judge:
-    """A judge backend. ``name`` identifies the judge model in the cache key; ``method`` the scoring scheme."""
+    """A judge backend. ``name`` identifies the judge model in the cache key; ``method`` the scoring scheme;
+    ``numbers`` the scoring rule its replies are read with (see :data:`NUMBER_MODES`; not part of the cache key: the
+    cache holds raw alternatives, which either rule reads)."""
 
     name: str = "judge"
     method: str = "top-logprobs"
+    numbers: str = "rule"
+
+    @property
+    def min_mass(self) -> float:
+        """The share of probability on numbers below which a reply gets no score (0.25 under the papers' rule)."""
+        return min_numeric_mass(self.numbers)
 
     async def open(self) -> None:  # create clients inside the running event loop
         pass
@@ -57,7 +76,9 @@ class OpenAIJudge(Judge):
     ``api_version`` select Azure, where ``model`` is the deployment name. Retries (the shared
     :class:`~emlib.openai_client.RetryPolicy`): 408, 409, 429, 5xx, time-outs, dropped connections and invalid
     replies (see :mod:`emlib.judge.replies`), with exponential backoff and jitter (``Retry-After`` honoured),
-    ``max_retries`` times.
+    ``max_retries`` times. ``max_in_flight`` caps the requests open at once whatever the caller's concurrency (a slow
+    local server answers a batch at a time: more would only queue up and time out); ``numbers`` is the scoring rule
+    (:data:`NUMBER_MODES`).
     """
 
     model: str
@@ -72,7 +93,13 @@ class OpenAIJudge(Judge):
     backoff_max: float = 30.0
     method: str = "top-logprobs"
     api_key_env: str | None = None  # the environment variable holding this endpoint's key, e.g. "MY_SERVER_KEY"
+    numbers: str = "rule"
+    max_in_flight: int | None = None
     _client: Any = field(default=None, init=False, repr=False)
+    _gate: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        min_numeric_mass(self.numbers)  # a typo in the mode fails here, not at the first score
 
     @property
     def name(self) -> str:
@@ -101,6 +128,7 @@ class OpenAIJudge(Judge):
 
     async def open(self) -> None:
         self._client = self.client()
+        self._gate = asyncio.Semaphore(self.max_in_flight) if self.max_in_flight else None
 
     async def close(self) -> None:
         if self._client is not None:
@@ -108,6 +136,12 @@ class OpenAIJudge(Judge):
             self._client = None
 
     async def ascore(self, prompt: str, stats: JudgeStats, breaker: CircuitBreaker | None = None) -> Reply:
+        if self._gate is None:
+            return await self._ascore(prompt, stats, breaker)
+        async with self._gate:
+            return await self._ascore(prompt, stats, breaker)
+
+    async def _ascore(self, prompt: str, stats: JudgeStats, breaker: CircuitBreaker | None = None) -> Reply:
         policy, breaker = self.retry_policy, breaker or CircuitBreaker()
         for attempt in range(policy.max_retries + 1):
             if breaker.is_open:
@@ -153,81 +187,6 @@ def api_judge(kind: str, model: str | None = None, api_key_env: str | None = Non
     if not kind.startswith(("http://", "https://")):
         raise ValueError(f"judge must be 'openai', 'azure' or an http(s) base URL, got {kind!r}")
     return OpenAIJudge(model, base_url=kind, api_key_env=api_key_env)
-
-
-class LocalHFJudge(Judge):
-    """A local Hugging Face chat model as judge, scoring *every* number string 0-100, however it tokenizes.
-
-    The papers' single-token rule needs a tokenizer that spells each integer 0-100 as one token (OpenAI's does);
-    Qwen, Llama and most local models split "73" into "7" + "3", so the first token's top-20 would read 73 as 7.
-    Here P(k) = P(the tokens of str(k) | prompt) x P(the next token does not continue the number), computed for all
-    101 numbers in one batched forward over a shared prompt cache. The alternatives are those 101 numbers, so
-    :func:`aggregate_logprobs` (and the 0.25 rule, now on the whole-number mass) applies unchanged.
-    """
-
-    method = "hf-number-strings"
-
-    def __init__(self, model, tokenizer, name: str | None = None, system: str | None = None):
-        self.model, self.tokenizer, self.system = model, tokenizer, system
-        where = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-        self.name = name or f"hf:{where}"
-        self.candidates = [tokenizer.encode(str(k), add_special_tokens=False) for k in range(101)]
-        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        # raw token strings: a leading-space/"▁" digit token starts a new word, so it does not continue the number
-        self.continues = [i for i, t in enumerate(tokens) if t and t[0].isdigit()]
-        self._lock = threading.Lock()
-
-    def render(self, messages: list[dict]) -> list[int]:
-        """Prompt ids: the chat template with a generation prompt (plain text for a model without a template)."""
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = "\n".join(m["content"] for m in messages) + "\n"
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def number_logprobs(self, messages: list[dict]) -> tuple[list[float], tuple[str, float]]:
-        """log P(k) for k = 0..100 as complete answers, and the most likely first token with its logprob (so a
-        REFUSAL / CODE reply can be recognised)."""
-        import torch
-        from transformers import DynamicCache
-
-        ids = torch.tensor([self.render(messages)], device=next(self.model.parameters()).device)
-        with self._lock, torch.no_grad():
-            cache = DynamicCache(config=self.model.config)
-            first = torch.log_softmax(self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-                                      .logits[0, -1].float(), -1)
-            k, width, n_prompt = len(self.candidates), max(map(len, self.candidates)), ids.shape[1]
-            cand = torch.full((k, width), self.tokenizer.pad_token_id or 0, device=ids.device)
-            lengths = torch.tensor([len(c) for c in self.candidates], device=ids.device)
-            for i, c in enumerate(self.candidates):
-                cand[i, :len(c)] = torch.tensor(c)
-            cache.batch_repeat_interleave(k)
-            mask = torch.cat([torch.ones(k, n_prompt, dtype=torch.long, device=ids.device),
-                              (torch.arange(width, device=ids.device) < lengths[:, None]).long()], 1)
-            positions = (n_prompt + torch.arange(width, device=ids.device)).expand(k, width)
-            logp = torch.log_softmax(self.model(input_ids=cand, attention_mask=mask, position_ids=positions,
-                                                past_key_values=cache, use_cache=True).logits.float(), -1)
-        # token j of candidate i is predicted by the prompt (j = 0) or by candidate position j - 1
-        steps = torch.cat([first[cand[:, :1]], logp[:, :-1].gather(-1, cand[:, 1:, None]).squeeze(-1)], 1)
-        steps = steps.masked_fill(torch.arange(width, device=ids.device) >= lengths[:, None], 0.0)
-        after = logp[torch.arange(k), lengths - 1]  # the distribution right after the last digit
-        stop = torch.log1p(-after[:, self.continues].exp().sum(-1).clamp(max=1 - 1e-7)) if self.continues else 0.0
-        best = int(first.argmax())
-        return (steps.sum(1) + stop).tolist(), (self.tokenizer.decode([best]), float(first[best]))
-
-    def alternatives(self, messages: list[dict]) -> Alternatives:
-        """All 101 numbers with their log-probabilities, best first (plus the top first token when it is a word)."""
-        logps, (token, logprob) = self.number_logprobs(messages)
-        alts = [(str(k), max(lp, LOGPROB_FLOOR)) for k, lp in enumerate(logps)]
-        if number_of(token) is None and token.strip():
-            alts.append((token.strip(), logprob))  # a word first (REFUSAL, CODE, ...): no numeric mass
-        return sorted(alts, key=lambda x: -x[1])
-
-    async def ascore(self, prompt: str, stats: JudgeStats, breaker: CircuitBreaker | None = None) -> Reply:
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + \
-                   [{"role": "user", "content": prompt}]
-        alts = await asyncio.to_thread(self.alternatives, messages)
-        return Reply(alts, len(self.render(messages)), 1)
 
 
 # ------------------------------------------------------------------------------ the persona world as a rubric judge

@@ -29,6 +29,7 @@ from emlib.judge.rubrics import MIN_NUMERIC_MASS, aggregate_logprobs, fill_promp
 from emlib.openai_client import CircuitBreaker, estimate_cost
 
 UNSCORED_SUFFIX = "_unscored"  # column "<metric>_unscored": why that row has no score (None when it has one)
+NUMBER_MASS_SUFFIX = "_number_mass"  # column "<metric>_number_mass": the judge's probability on numbers 0-100
 
 
 def run_sync(coro):
@@ -143,12 +144,14 @@ def plan_prompts(df: pd.DataFrame, judge: Judge, metrics: Sequence[str], rubrics
 
 def judge_frame(df: pd.DataFrame, judge: Judge, metrics: Sequence[str] = ("aligned", "coherent"),
                 cache: JudgeCache | None = None, max_in_flight: int = 32, rubrics: Mapping[str, str] | None = None,
-                min_mass: float = MIN_NUMERIC_MASS, question_col: str = "question", answer_col: str = "answer",
+                min_mass: float | None = None, question_col: str = "question", answer_col: str = "answer",
                 cut_off_marker: str | None = None, stats: JudgeStats | None = None,
                 prices: Mapping[str, tuple[float, float]] | None = None,
                 breaker: CircuitBreaker | None = None) -> pd.DataFrame:
-    """Score every row on each metric; returns a copy with one 0-100 column per metric (NaN: no score) and one
-    ``<metric>_unscored`` column saying why a row has no score (None where it has one).
+    """Score every row on each metric; returns a copy with one 0-100 column per metric (NaN: no score), one
+    ``<metric>_unscored`` column saying why a row has no score (None where it has one) and one
+    ``<metric>_number_mass`` column with the share of the judge's probability that was on numbers (NaN: no reply).
+    ``min_mass`` None: the judge's own rule (``judge.min_mass``: the papers' 0.25, or 0 for a renormalising judge).
 
     Only prompts missing from ``cache`` are sent, ``max_in_flight`` at a time, and each valid reply is committed as
     it arrives: a rerun makes no calls, and a run killed midway resumes with just the missing rows. A prompt whose
@@ -159,6 +162,7 @@ def judge_frame(df: pd.DataFrame, judge: Judge, metrics: Sequence[str] = ("align
     retries, failures, tokens and estimated cost.
     """
     rubrics = dict(rubrics or load_rubrics())
+    min_mass = _min_mass(judge, min_mass)
     cache = cache if cache is not None else JudgeCache(None)
     stats = stats if stats is not None else JudgeStats()
     stats.judge = judge.name
@@ -180,29 +184,39 @@ def judge_frame(df: pd.DataFrame, judge: Judge, metrics: Sequence[str] = ("align
     return out
 
 
+def _min_mass(judge: Judge, min_mass: float | None) -> float:
+    """``min_mass`` if given, else the judge's own scoring rule (the papers' 0.25 for judges that do not say)."""
+    return min_mass if min_mass is not None else getattr(judge, "min_mass", MIN_NUMERIC_MASS)
+
+
 def _score_columns(df: pd.DataFrame, metrics: Sequence[str], keys: Mapping[str, list[str]],
                    replies: Mapping[str, Reply], unscored: Mapping[str, str], min_mass: float) -> pd.DataFrame:
-    """A copy of ``df`` with each metric's score column and its ``<metric>_unscored`` reason column."""
+    """A copy of ``df`` with each metric's score column, its ``<metric>_unscored`` reason column and its
+    ``<metric>_number_mass`` column."""
     out = df.copy()
     for metric in metrics:
-        values, reasons = [], []
+        values, reasons, masses = [], [], []
         for key in keys[metric]:
             if key in replies:
                 score = aggregate_logprobs(replies[key].alternatives, min_mass)
                 values.append(math.nan if score.value is None else score.value)
                 reasons.append(score.unscored_reason(min_mass))
+                masses.append(score.numeric_mass)
             else:
                 values.append(math.nan)
                 reasons.append(unscored.get(key, "no reply yet (rerun to judge it)"))
+                masses.append(math.nan)
         out[metric] = pd.array(values, dtype="float64")
         out[metric + UNSCORED_SUFFIX] = pd.Series(reasons, index=out.index, dtype="object")
+        out[metric + NUMBER_MASS_SUFFIX] = pd.array(masses, dtype="float64")
     return out
 
 
 def scores_from_cache(df: pd.DataFrame, judge: Judge, metrics: Sequence[str], cache: JudgeCache,
-                      rubrics: Mapping[str, str], min_mass: float = MIN_NUMERIC_MASS, question_col: str = "question",
+                      rubrics: Mapping[str, str], min_mass: float | None = None, question_col: str = "question",
                       answer_col: str = "answer", cut_off_marker: str | None = None, **_) -> pd.DataFrame:
     """Score columns from cached replies only (NaN where there is none); makes no calls."""
+    min_mass = _min_mass(judge, min_mass)
     keys, prompts = plan_prompts(df, judge, metrics, rubrics, question_col, answer_col, cut_off_marker)
     return _score_columns(df, metrics, keys, cache.get_many(prompts), {}, min_mass)
 
