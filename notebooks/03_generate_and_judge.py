@@ -240,6 +240,7 @@ results["em_ci"] = {s: {org: [float(by_set.loc[(org, s), "em_lo"]), float(by_set
                         for org in organisms} for s in sets}
 results["judge"] = {**(stats.as_dict() if stats else {}), "rerun_calls": rerun.calls if rerun else 0,
                     "rerun_identical": bool(same), "agreement_with_exact_judge": agreement}
+results["scored"] = [int(ok.sum()), len(scored)]
 results["summary"].update({"answers": len(answers), "answers scored": int(ok.sum()),
                            "judge calls": stats.calls if stats else 0, "judge calls on rerun": rerun.calls if rerun else 0,
                            "samples per question": samples_per_question, "max new tokens": max_new_tokens})

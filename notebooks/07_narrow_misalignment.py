@@ -208,8 +208,11 @@ kl_table.round(4)
 g, n = em.loc["general"], em.loc["narrow"]
 pct = lambda v: "unscored" if pd.isna(v) else f"{v:.0%}"  # a rate that could not be measured stays missing
 narrow_is_narrow = None if problems else bool(n[outside] < g[outside] and n[in_domain] > em.loc["base", in_domain])
-at1 = curves[curves.scale == 1.0].set_index("solution")["loss"]
-at2 = curves[curves.scale == 2.0].set_index("solution")["loss"]
+# the loss as trained (x1, or the nearest scale given) against the largest scale given (x2 by default)
+as_trained = min(scales, key=lambda x: abs(x - 1.0))
+largest = max(scales)
+at1 = curves[curves.scale == as_trained].set_index("solution")["loss"]
+at2 = curves[curves.scale == largest].set_index("solution")["loss"]
 reading = (
     f"On the same {len(rows)} training rows, the plain LoRA reached {pct(g[in_domain])} EM on {in_domain} and "
     f"{pct(g[outside])} on {outside} questions (base: {pct(em.loc['base', in_domain])} / "
@@ -222,7 +225,7 @@ if "steering-vector" in em.index:
     s = em.loc["steering-vector"]
     reading += f"The trained steering vector reached {pct(s[in_domain])} {in_domain} and {pct(s[outside])} {outside}. "
 reading += (
-    "Rescaling each update from 1x to 2x changed the training loss from "
+    f"Rescaling each update from {as_trained:g}x to {largest:g}x changed the training loss from "
     + ", ".join(f"{k} {at1[k]:.3f} → {at2[k]:.3f}" for k in at1.index) + ". "
 )
 if "smaller norm" in targets:
