@@ -90,9 +90,11 @@ NOTEBOOKS = ["00_quickstart", "02_train", "03_generate_and_judge", "04_phase_tra
 
 
 @pytest.fixture(scope="session")
-def real_run(real, tmp_path_factory):
-    """Run a notebook once per session on the tiny Llama, from the repository root; failures are remembered."""
-    run_dir = tmp_path_factory.mktemp("real-runs")
+def real_run(real, notebook_run_dir):
+    """Run a notebook once per session on the tiny Llama, from the repository root; failures are remembered.
+
+    Executed copies go to runs/tests/real-models/ (ignored by git) so a failure can be inspected after the run."""
+    run_dir = notebook_run_dir / "real-models"
     cache: dict[str, dict] = {}
 
     def run(name: str) -> dict:
