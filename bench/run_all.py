@@ -1,6 +1,6 @@
 """Run every benchmark with small-but-meaningful settings and write one table of emlib against the naive way.
 
-    make bench                                     # = .venv/bin/python bench/run_all.py  (about 6-9 min on 2 cores)
+    make bench                                     # = .venv/bin/python bench/run_all.py  (about 8-12 min on 2 cores)
     .venv/bin/python bench/run_all.py --quick      # seconds-long smoke settings (numbers not meaningful)
     .venv/bin/python bench/run_all.py --only judge activations
     .venv/bin/python bench/run_all.py --pipeline   # also run the whole offline pipeline (python -m emlib.run_notebooks)
@@ -37,15 +37,17 @@ import pandas as pd  # noqa: E402
 
 from emlib import paths  # noqa: E402
 
-BENCHMARKS = ("generate", "judge", "train", "activations", "pipeline", "gpu")
+BENCHMARKS = ("generate", "judge", "hf-judge", "train", "activations", "pipeline", "gpu")
 COLUMNS = ["what", "emlib value", "naive value", "ratio", "unit", "settings"]
 
-# argv per benchmark: the full run (about 6-9 min in all on a shared 2-core CPU) and a seconds-long smoke run
+# argv per benchmark: the full run (about 8-12 min in all on a shared 2-core CPU) and a seconds-long smoke run
 SETTINGS = {
     "full": {
         "generate": ["--adapters", "none", "bad-medical-r8", "--questions", "8", "--samples", "25",
                      "--max-new-tokens", "300", "--rounds", "2"],
         "judge": ["--latency", "0.1", "--prompts", "512", "--sequential-prompts", "64", "--in-flight", "8", "64"],
+        "hf-judge": ["--hidden", "768", "--layers", "12", "--heads", "12", "--prompts", "16", "--batch-size", "8",
+                     "--before-prompts", "4", "--rounds", "1"],
         "train": ["--steps", "20", "--rounds", "3"],
         "activations": ["--rows", "256", "1024", "4096"],
     },
@@ -53,6 +55,8 @@ SETTINGS = {
         "generate": ["--adapters", "none", "--questions", "2", "--samples", "4", "--max-new-tokens", "16",
                      "--rounds", "1"],
         "judge": ["--latency", "0.01", "--prompts", "32", "--sequential-prompts", "8", "--in-flight", "8"],
+        "hf-judge": ["--hidden", "64", "--layers", "2", "--heads", "4", "--prompts", "4", "--batch-size", "4",
+                     "--before-prompts", "2", "--rounds", "1"],
         "train": ["--steps", "2", "--rounds", "1"],
         "activations": ["--rows", "32", "64"],
     },
@@ -101,6 +105,17 @@ def judge_rows(table: pd.DataFrame, argv: list[str]) -> list[dict]:
             top.calls_per_s, seq.calls_per_s, "judge calls/s", _argv_text(argv)),
         row(f"judge: rerun from the cache vs first run ({int(rerun.calls)} calls on rerun)", rerun.seconds,
             first.seconds, "s (lower is better)", f"{int(rerun.prompts)} prompts", higher_is_better=False),
+    ]
+
+
+def hf_judge_rows(table: pd.DataFrame, argv: list[str]) -> list[dict]:
+    """The local HF judge batched against one prompt at a time as before, and against its own one-prompt passes."""
+    before, single, batched = (table.iloc[i] for i in range(3))
+    return [
+        row(f"local HF judge: {batched.way.split(', ')[-1]} vs one prompt at a time (before)", batched.prompts_per_s,
+            before.prompts_per_s, "prompts/s", _argv_text(argv)),
+        row(f"local HF judge: batching alone ({batched.way.split(', ')[-1]} vs one per pass)", batched.prompts_per_s,
+            single.prompts_per_s, "prompts/s", _argv_text(argv)),
     ]
 
 
@@ -225,6 +240,8 @@ def run_benchmarks(names: list[str], mode: str, out: Path, runs_dir: Path, pipel
     runners = {
         "generate": lambda: generate_rows(_main("bench_generate", settings["generate"], out), settings["generate"]),
         "judge": lambda: judge_rows(_main("bench_judge", settings["judge"], out), settings["judge"]),
+        "hf-judge": lambda: hf_judge_rows(_main("bench_judge", settings["hf-judge"], out, "hf_main"),
+                                          settings["hf-judge"]),
         "train": lambda: train_rows(_main("bench_train", settings["train"], out), settings["train"]),
         "activations": lambda: activation_rows(_main("bench_activations", settings["activations"], out),
                                                settings["activations"]),
@@ -243,10 +260,10 @@ def run_benchmarks(names: list[str], mode: str, out: Path, runs_dir: Path, pipel
     return rows
 
 
-def _main(module: str, argv: list[str], out: Path) -> pd.DataFrame:
+def _main(module: str, argv: list[str], out: Path, entry: str = "main") -> pd.DataFrame:
     import importlib
 
-    return importlib.import_module(module).main([*argv, "--out", str(out)])
+    return getattr(importlib.import_module(module), entry)([*argv, "--out", str(out)])
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -103,3 +103,23 @@ def test_a_failing_benchmark_becomes_a_row_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(run_all, "gpu_rows", lambda: 1 / 0)
     rows = run_all.run_benchmarks(["gpu"], "quick", tmp_path, tmp_path, False, log=lambda _: None)
     assert rows[0]["what"] == "gpu: FAILED" and "ZeroDivisionError" in rows[0]["settings"]
+
+
+def test_hf_judge_rows_from_a_fake_table():
+    table = pd.DataFrame([
+        {"way": "one prompt at a time (before: 101 candidates over a copied prompt cache)", "prompts": 4,
+         "seconds": 40.0, "prompts_per_s": 0.1, "speedup_vs_one_at_a_time": 1.0},
+        {"way": "emlib: number tree, one prompt per pass", "prompts": 16, "seconds": 40.0, "prompts_per_s": 0.4,
+         "speedup_vs_one_at_a_time": 4.0},
+        {"way": "emlib: number tree, 8 prompts per pass", "prompts": 16, "seconds": 25.0, "prompts_per_s": 0.64,
+         "speedup_vs_one_at_a_time": 6.4},
+    ])
+    rows = run_all.hf_judge_rows(table, ["--prompts", "16"])
+    assert [r["ratio"] for r in rows] == [6.4, 1.6]
+    assert "8 prompts per pass vs one prompt at a time (before)" in rows[0]["what"]
+
+
+def test_quick_smoke_of_the_hf_judge_benchmark(tmp_path):
+    table = run_all.main(["--quick", "--only", "hf-judge", "--out", str(tmp_path)])
+    assert len(table) == 2 and not table["what"].str.contains("FAILED").any()
+    assert (table["ratio"] > 0).all() and (tmp_path / "hf_judge.md").exists()
