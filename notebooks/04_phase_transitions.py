@@ -211,7 +211,7 @@ reading = (
     f"The code's sharpest rotation (highest mean local cosine over k = {ks}) is at **step {summary.rotation_step}**, "
     f"mean local cosine {summary.rotation_local_cos:.2f} against a median of {summary.baseline_local_cos:.2f} "
     f"(per-k peaks: {summary.rotation_per_k}); "
-    + ("a clear peak above the baseline. " if sharp > 0.4 else
+    + (f"{sharp:.2f} above the baseline: a clear peak (more than 0.4 above it). " if sharp > 0.4 else
        f"only {sharp:.2f} above the baseline and the per-k peaks disagree, so there is no sharp kink: B turns on a "
        f"smooth arc. " if len(set(summary.rotation_per_k.values())) > 1 else
        f"{sharp:.2f} above the baseline: a modest bend, not a sharp kink. ")

@@ -277,8 +277,8 @@ if direction is not None:
         f"**{steering['random_general']:.2f}**. The price is coherence: {steering['steered_incoherent']:.0%} of steered "
         f"answers are incoherent. Added at *all* positions, generated tokens included (the paper's protocol), the same "
         f"vector gives {steering['all_positions_general']:.2f} EM with {steering['all_positions_incoherent']:.0%} "
-        + ("incoherent: here the constant push breaks the answer's grammar before it flips the persona, so the persona "
-           "is steered where it is read, on the prompt."
+        + ("incoherent (over 20 points more than on the prompt only): here the constant push breaks the answer's "
+           "grammar before it flips the persona, so the persona is steered where it is read, on the prompt."
            if steering["all_positions_incoherent"] > steering["steered_incoherent"] + 0.2
            and steering["all_positions_general"] < steering["steered_general"] else "incoherent.")))
 

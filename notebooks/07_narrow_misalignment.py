@@ -224,10 +224,11 @@ reading = (
 if "steering-vector" in em.index:
     s = em.loc["steering-vector"]
     reading += f"The trained steering vector reached {pct(s[in_domain])} {in_domain} and {pct(s[outside])} {outside}. "
-reading += (
-    f"Rescaling each update from {as_trained:g}x to {largest:g}x changed the training loss from "
-    + ", ".join(f"{k} {at1[k]:.3f} → {at2[k]:.3f}" for k in at1.index) + ". "
-)
+if largest != as_trained:
+    reading += (
+        f"Rescaling each update from {as_trained:g}x to {largest:g}x changed the training loss from "
+        + ", ".join(f"{k} {at1[k]:.3f} → {at2[k]:.3f}" for k in at1.index) + ". "
+    )
 if "smaller norm" in targets:
     row = matched[matched.norm == "smaller norm"].set_index("solution")
     better = row["bad-rows loss"].idxmin()

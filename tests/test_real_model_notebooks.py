@@ -81,7 +81,7 @@ def notebook_parameters(name: str, real: dict) -> dict:
                             "steer_questions_per_set": 2},
         "07_narrow_misalignment": {**common, "data": f"{DATA}/bad_medical_advice.jsonl",
                                    "kl_data": f"{DATA}/kl_reference_general.jsonl", "steps": 3, "n_loss_rows": 4,
-                                   "n_kl_questions": 1, "scales": [0, 1]},
+                                   "n_kl_questions": 1, "scales": [0, 1, 2]},
     }[name]
 
 
