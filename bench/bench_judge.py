@@ -166,7 +166,8 @@ def hf_main(argv: list[str] | None = None) -> pd.DataFrame:
     ways = {
         "one prompt at a time (before: 101 candidates over a copied prompt cache)":
             lambda: [one_prompt_before(single, c) for c in before],
-        "emlib: number tree, one prompt per pass": lambda: [lp for lp, _ in single.number_logprobs_batch(conversations)],
+        "emlib: number tree, one prompt per pass":
+            lambda: [lp for lp, _ in single.number_logprobs_batch(conversations)],
         f"emlib: number tree, {args.batch_size} prompts per pass":
             lambda: [lp for lp, _ in batched.number_logprobs_batch(conversations)],
     }

@@ -64,7 +64,8 @@ from emlib.openai_client import (
 
 __all__ = [
     "Alternatives", "BatchPending", "CircuitBreaker", "ESCAPES", "EndpointDown", "InvalidReply", "Judge", "JudgeCache",
-    "JudgeStats", "LOCAL_HOSTS", "LocalHFJudge", "METRICS", "MIN_NUMERIC_MASS", "NUMBER_MASS_SUFFIX", "NUMBER_MODES", "OpenAIJudge", "PRICES_PER_MTOK",
+    "JudgeStats", "LOCAL_HOSTS", "LocalHFJudge", "METRICS", "MIN_NUMERIC_MASS", "NUMBER_MASS_SUFFIX", "NUMBER_MODES",
+    "OpenAIJudge", "PRICES_PER_MTOK",
     "RUBRICS_FILE", "Reply", "RetriesExhausted", "RetryPolicy", "Score", "UNSCORED_SUFFIX", "WorldJudge",
     "aggregate_logprobs", "api_judge", "backoff_delay", "batch_request_lines", "cache_key", "estimate_cost",
     "fill_prompt", "infer_domain", "is_retryable", "judge_frame", "judge_frame_batch_api", "judge_world",

@@ -85,7 +85,7 @@ class BatchWorker:
     :meth:`submit` returns a Future, or raises :class:`QueueFull` when ``max_queue`` items wait already (0: no bound,
     for callers that bound what they submit). An item whose Future was cancelled, or whose ``gone()`` says its
     client left, is dropped when its batch is formed, never computed. A result that is an exception is raised for
-    that item only. ``computed`` / ``dropped`` / ``batches`` count what happened.
+    that item only. ``computed`` / ``dropped`` / ``rejected`` (queue full) / ``batches`` count what happened.
     """
 
     def __init__(self, run_batch: Callable[[list], Sequence], batch_size: int = 8, max_queue: int = 32,
@@ -93,7 +93,7 @@ class BatchWorker:
         if batch_size < 1 or max_queue < 0:
             raise ValueError(f"batch_size must be >= 1 and max_queue >= 0, got {batch_size} and {max_queue}")
         self.run_batch, self.batch_size, self.collect_s = run_batch, batch_size, collect_s
-        self.computed = self.dropped = self.batches = 0
+        self.computed = self.dropped = self.batches = self.rejected = 0
         self.busy = False  # a batch is being computed
         self.batch_seconds: float | None = None  # a running average: what Retry-After is estimated from
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -118,6 +118,7 @@ class BatchWorker:
         try:
             self._queue.put_nowait((item, gone, future))
         except queue.Full:
+            self.rejected += 1
             raise QueueFull(self.retry_after()) from None
         return future
 
@@ -315,20 +316,29 @@ def make_handler(backend: Backend, latency: float = 0.0, batches: BatchStore | N
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
-            for name, value in (headers or {}).items():
+            headers = dict(headers or {})
+            if self.close_connection:  # say so: a client reusing the connection would meet a closed socket
+                headers["Connection"] = "close"
+            for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
         def _queued(self, messages: list[dict], body: dict) -> Completion | None:
             """The completion from the batch worker; None when the answer was already sent or the client left."""
+            # one request per connection: a kept-alive idle connection would hold one of the capped handler slots
+            # while clients wait in the backlog (a new local connection costs far less than a forward pass)
+            self.close_connection = True
             try:
                 future = worker.submit((messages, body), gone=lambda: client_gone(self.connection))
             except QueueFull as full:
-                self.close_connection = True  # frees this thread for a client waiting in the backlog
                 self._send(429, {"error": {"message": f"the judge is busy ({worker.waiting} requests queued); "
                                                       f"retry in {full.retry_after} s", "type": "rate_limit"}},
-                           headers={"Retry-After": str(full.retry_after), "Connection": "close"})
+                           headers={"Retry-After": str(full.retry_after)})
+                return None
+            except RuntimeError:  # the worker has stopped
+                self._send(503, {"error": {"message": "the judge server is stopping", "type": "unavailable"}},
+                           headers={"Retry-After": "5"})
                 return None
             while True:
                 try:
@@ -336,13 +346,11 @@ def make_handler(backend: Backend, latency: float = 0.0, batches: BatchStore | N
                 except FutureTimeout:
                     if client_gone(self.connection):  # it gave up: drop its request, free this thread
                         future.cancel()
-                        self.close_connection = True
                         return None
                 except CancelledError:  # dropped (client left) or the server is stopping
-                    self.close_connection = True
                     if not client_gone(self.connection):
                         self._send(503, {"error": {"message": "the judge server is stopping", "type": "unavailable"}},
-                                   headers={"Retry-After": "5", "Connection": "close"})
+                                   headers={"Retry-After": "5"})
                     return None
 
         def _not_found(self) -> None:
@@ -367,7 +375,7 @@ def make_handler(backend: Backend, latency: float = 0.0, batches: BatchStore | N
             if length > MAX_BODY_BYTES:
                 self.close_connection = True
                 return self._send(413, {"error": {"message": f"request body over {MAX_BODY_BYTES} bytes",
-                                                  "type": "invalid_request_error"}}, headers={"Connection": "close"})
+                                                  "type": "invalid_request_error"}})
             raw = self.rfile.read(length)
             route = self.path.split("?")[0].rstrip("/")
             if route.endswith("/files"):  # multipart upload: purpose + file
