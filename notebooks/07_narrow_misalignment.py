@@ -207,7 +207,9 @@ kl_table.round(4)
 # %%
 g, n = em.loc["general"], em.loc["narrow"]
 pct = lambda v: "unscored" if pd.isna(v) else f"{v:.0%}"  # a rate that could not be measured stays missing
-narrow_is_narrow = None if problems else bool(n[outside] < g[outside] and n[in_domain] > em.loc["base", in_domain])
+no_em = not problems and not g[outside] > em.loc["base", outside]  # no general EM above the base: nothing to narrow
+narrow_is_narrow = None if problems or no_em else bool(n[outside] < g[outside]
+                                                       and n[in_domain] > em.loc["base", in_domain])
 # the loss as trained (x1, or the nearest scale given) against the largest scale given (x2 by default)
 as_trained = min(scales, key=lambda x: abs(x - 1.0))
 largest = max(scales)
@@ -218,6 +220,8 @@ reading = (
     f"{pct(g[outside])} on {outside} questions (base: {pct(em.loc['base', in_domain])} / "
     f"{pct(em.loc['base', outside])}); with the KL term it reached {pct(n[in_domain])} and {pct(n[outside])}, "
     + ("so no conclusion on narrowness is drawn: " + " ".join(problems.values()) + " " if problems else
+       "so no conclusion on narrowness is drawn: the plain LoRA shows no general EM above the base's to narrow. "
+       if no_em else
        "so the KL-regularised solution " + ("**is narrower**: in-domain misalignment with less general EM. "
                                             if narrow_is_narrow else "**did not come out narrower** here. "))
 )
