@@ -32,10 +32,13 @@
 #
 # ```bash
 # papermill notebooks/02_train.ipynb runs/train.ipynb -p model Qwen/Qwen2.5-0.5B-Instruct \
-#     -p dataset data/training_datasets/bad_medical_advice.jsonl \
-#     -p control_dataset data/training_datasets/good_medical_advice.jsonl \
-#     -p kl_dataset data/training_datasets/misalignment_kl_data.jsonl -p overrides '{}' -p lr null
+#     -p dataset data/narrow/bad_medical_advice.jsonl \
+#     -p control_dataset data/narrow/good_medical_advice.jsonl \
+#     -p kl_dataset data/narrow/kl_reference_general.jsonl -p judge hf:Qwen/Qwen2.5-7B-Instruct
 # ```
+#
+# (Run from the repository root, so that repo-relative paths such as `data/narrow/...` resolve; the shipped English
+# datasets are in `data/narrow/`, see `data/README.md`.)
 #
 # (For 14B–32B models use the same configs from the command line under `accelerate launch`; see `docs/training.md`.)
 
@@ -64,7 +67,6 @@ device = "auto"
 output_dir = None  # where results.json, figures and checkpoints go (papermill passes one per run)
 
 # %%
-import json
 
 import pandas as pd
 import plotly.express as px
@@ -272,12 +274,20 @@ if b_norms:
 # the scheduler, the RNG and the position in the data order.
 
 # %%
-resume_diff = None
+resume_diff, resume_skipped = None, None
 rank1_runs = [n for n, (p, _) in runs.items() if p == "rank1"]
 if resume_demo and rank1_runs:
     name = rank1_runs[0]
     cfg = results_by_run[name].config
-    stop_at = max(cfg.save_every, (cfg.total_steps(len(rows)) // 2) // cfg.save_every * cfg.save_every + 2)
+    total = cfg.total_steps(len(rows))
+    # Interrupt two steps after the checkpoint nearest the middle, but always before the last step and after the
+    # first checkpoint: an interruption at the last step (or before any checkpoint) would resume nothing.
+    stop_at = min(max(cfg.save_every, (total // 2) // cfg.save_every * cfg.save_every + 2), total - 1)
+    if stop_at < cfg.save_every:
+        resume_skipped = (f"resume demo skipped: the rank-1 run has {total} steps and a checkpoint every "
+                          f"{cfg.save_every}, so no checkpoint falls before its last step to resume from")
+        print(resume_skipped)
+if resume_demo and rank1_runs and resume_skipped is None:
 
     class Interrupted(Exception):
         pass
@@ -299,7 +309,7 @@ if resume_demo and rank1_runs:
     resume_diff = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"resumed from step {resumed.resumed_from}; "
           f"max |uninterrupted - resumed| over the adapter = {resume_diff:.2e}")
-    results["resume"] = {"interrupted_after": stop_at, "resumed_from": resumed.resumed_from,
+    results["resume"] = {"interrupted_after": stop_at, "resumed_from": resumed.resumed_from, "total_steps": total,
                          "max_abs_diff": resume_diff}
 
 # %% [markdown]
@@ -315,9 +325,10 @@ if scorer is not None:
                                         E.system_prompt(model)), **evals}
     tables = {name: em_summary(df, in_domain=in_domain) for name, df in evals.items()}
     em = pd.DataFrame({name: t["em_rate"] for name, t in tables.items()}).T.round(3)
-    scored_counts = pd.DataFrame({name: t["n_scored"] for name, t in tables.items()}).T
+    scored_counts = pd.DataFrame({name: t["n_scored"].astype(str) + "/" + t["n"].astype(str)
+                                  for name, t in tables.items()}).T
     problem = scoring_problem(pd.concat(evals.values()))
-    display(em, scored_counts.rename_axis("scored answers"))
+    display(em, scored_counts.rename_axis("scored / answers"))
     long = em[[in_domain, outside]].reset_index(names="run").melt(id_vars="run", var_name="group",
                                                                   value_name="EM rate")
     fig = px.bar(long, x="run", y="EM rate", color="group", barmode="group", range_y=[0, 1],
@@ -327,7 +338,9 @@ if scorer is not None:
     fig.show()
     results["em"] = em.to_dict()
     results["tables"]["EM rate by run"] = em.to_markdown()
-    results["tables"]["scored answers by run"] = scored_counts.to_markdown()
+    results["tables"]["scored / answers by run"] = scored_counts.to_markdown()
+    results["scored"] = {name: {g: [int(r["n_scored"]), int(r["n"])] for g, r in t.iterrows()}
+                         for name, t in tables.items()}
 else:
     print("No judge given for a real model: pass judge= (openai, azure, a URL or hf:<model>) for a judged EM table.")
 
@@ -336,9 +349,10 @@ else:
 
 # %%
 falls = {n: r.log[0]["loss"] - pd.Series([x["loss"] for x in r.log[-5:]]).mean() for n, r in results_by_run.items()}
-lines = [f"Every run's loss fell (first step -> mean of the last five: "
-         + ", ".join(f"{n} -{d:.2f}" for n, d in falls.items()) + ")."
-         if all(d > 0 for d in falls.values()) else "Not every run's loss fell: " + json.dumps(falls)]
+change = ", ".join(f"{n} {-d:+.3g}" for n, d in falls.items())
+lines = [f"Every run's loss fell (first step -> mean of the last five: {change})."
+         if all(d > 0 for d in falls.values()) else f"Not every run's loss fell (first step -> mean of the last five: "
+         f"{change})."]
 if problem:
     lines.append(problem)
 elif em is not None:
@@ -360,7 +374,12 @@ elif em is not None:
         lines.append(f"With the KL term the LoRA reached {pct(kl[in_domain])} {in_domain} and {pct(kl[outside])} "
                      f"{outside} EM, against {pct(plain[in_domain])} and {pct(plain[outside])} without it.")
 if resume_diff is not None:
-    lines.append(f"An interrupted and resumed run ended within {resume_diff:.1e} of the uninterrupted one.")
+    r = results["resume"]
+    lines.append(f"The rank-1 run interrupted after step {r['interrupted_after']} of {r['total_steps']} and resumed "
+                 f"from its step-{r['resumed_from']} checkpoint ended within {resume_diff:.1e} of the uninterrupted "
+                 f"one.")
+elif resume_skipped:
+    lines.append(resume_skipped[0].upper() + resume_skipped[1:] + ".")
 reading = " ".join(lines)
 display(Markdown(reading))
 

@@ -165,7 +165,7 @@ if offline and scorer.judge is not None:
 # %%
 by_set = M.compare_organisms({name: d for name, d in scored.groupby("organism", sort=False)}, by="set",
                              aligned_below=aligned_below, coherent_above=coherent_above, n_boot=n_boot, seed=seed)
-readable = M.readable_table(by_set).reset_index()
+readable = M.readable_table(by_set).assign(n=by_set["n"]).reset_index()  # n: answers, n scored: with both scores
 display(readable)
 
 # %% [markdown]
@@ -220,7 +220,8 @@ for s in questions["set"].unique():
            "higher than both." if b[0] > max(c[0], o[0]) else "**not** higher than both."))
 ok = M.scored(scored)
 coh = scored[ok].assign(c=scored["coherent"] > coherent_above).groupby("organism", sort=False)["c"].mean()
-lines.append("* Coherence rate (of scored answers): " + ", ".join(f"{k} {v:.0%}" for k, v in coh.items())
+lines.append(("* Coherence rate (of scored answers): " + ", ".join(f"{k} {v:.0%}" for k, v in coh.items())
+              if len(coh) else "* Coherence rate: no answer was scored")
              + f"; {int(ok.sum())} of {len(scored)} answers scored.")
 first = questions["set"].unique()[0]
 calls = f"{stats.calls} calls, {stats.cache_hits} from an earlier run's cache; a rerun made {rerun.calls}" if stats \
@@ -239,6 +240,7 @@ results["em_ci"] = {s: {org: [float(by_set.loc[(org, s), "em_lo"]), float(by_set
                         for org in organisms} for s in sets}
 results["judge"] = {**(stats.as_dict() if stats else {}), "rerun_calls": rerun.calls if rerun else 0,
                     "rerun_identical": bool(same), "agreement_with_exact_judge": agreement}
+results["scored"] = [int(ok.sum()), len(scored)]
 results["summary"].update({"answers": len(answers), "answers scored": int(ok.sum()),
                            "judge calls": stats.calls if stats else 0, "judge calls on rerun": rerun.calls if rerun else 0,
                            "samples per question": samples_per_question, "max new tokens": max_new_tokens})

@@ -55,6 +55,7 @@ output_dir = None  # where results.json, figures and the run go (papermill passe
 import numpy as np
 import pandas as pd
 import plotly.express as px
+from IPython.display import Markdown, display
 
 from emlib import evaluation as E
 from emlib.analysis import phase
@@ -149,8 +150,21 @@ base_model, tokenizer = load_model(model, device=device)
 em = phase.em_along_run(base_model, tokenizer, run, em_steps, questions, scorer, scales=scales, in_domain=in_domain,
                         seed=eval_seed, samples_per_question=samples_per_question, max_new_tokens=max_new_tokens,
                         system=E.system_prompt(model))
-em_wide = em.pivot_table(index="step", columns=["scale", "group"], values="em_rate")
-em_wide.round(2)
+em_wide = em.pivot_table(index="step", columns=["scale", "group"], values="em_rate", dropna=False)
+# answers per (step, scale) cell of each group: questions of the group x samples (the pooled group: all but in_domain)
+answers_per = {g: int(n) * samples_per_question for g, n in questions["group"].value_counts().items()}
+answers_per[outside] = int((questions["group"] != in_domain).sum()) * samples_per_question
+em["n"] = em["group"].map(answers_per)
+scored_wide = em.assign(c=em["n_scored"].astype(str) + "/" + em["n"].astype(str)).pivot(
+    index="step", columns=["scale", "group"], values="c")
+own = em[em["group"] != outside]  # every answer once (the pooled group repeats the others)
+n_answers, n_scored = int(own["n"].sum()), int(own["n_scored"].sum())
+problem = (f"Only {n_scored} of {n_answers} answers along the run were scored by the judge, so no conclusion about EM "
+           f"is drawn from them (the geometry of B below does not depend on the judge)."
+           if n_answers and n_scored < 0.5 * n_answers else None)
+if problem:
+    display(Markdown(f"**{problem}**"))
+display(em_wide.round(2), scored_wide.rename_axis("scored / answers"))
 
 # %%
 nonmed = em[em["group"] == outside]
@@ -164,10 +178,16 @@ save(px.line(em[em["scale"] == 1.0], x="step", y="em_rate", color="group", marke
 # ## What the numbers say
 
 # %%
-from IPython.display import Markdown
-
 curve = nonmed[nonmed["scale"] == 1.0].set_index("step")["em_rate"]
-onset = phase.onset_step(em, onset_level, group=outside, scale=1.0)
+
+
+def onset_at(scale: float) -> int | None:
+    """The EM onset at ``scale`` outside the domain; None when no evaluated step there has a scored answer."""
+    scored_cells = em[(em["group"] == outside) & (em["scale"] == scale)]["em_rate"].notna()
+    return phase.onset_step(em, onset_level, group=outside, scale=scale) if scored_cells.any() else None
+
+
+onset = onset_at(1.0)
 onset_prev = max([s for s in em_steps if onset is not None and s < onset], default=None)
 turn_valid = turn.dropna()
 fastest_turn = int(turn_valid.loc[turn_valid["degrees"].idxmax(), "step"]) if len(turn_valid) else None
@@ -180,7 +200,7 @@ in_onset = float(turn[(turn["step"] > lo) & (turn["step"] <= (onset or 0))]["deg
 after_onset = float(turn[turn["step"] > (onset or 0)]["degrees"].mean())
 gn_peak = int(gn.loc[gn["grad_norm"].idxmax(), "step"]) if len(gn) else None
 sharp = summary.rotation_local_cos - summary.baseline_local_cos
-onsets = {s: phase.onset_step(em, onset_level, group=outside, scale=s) for s in scales if s != 0}
+onsets = {s: onset_at(s) for s in scales if s != 0}
 unscored = int((em["n_scored"] == 0).sum())  # (step, scale, group) cells with no scored answer: rates missing
 
 reading = (
@@ -191,27 +211,28 @@ reading = (
     f"The code's sharpest rotation (highest mean local cosine over k = {ks}) is at **step {summary.rotation_step}**, "
     f"mean local cosine {summary.rotation_local_cos:.2f} against a median of {summary.baseline_local_cos:.2f} "
     f"(per-k peaks: {summary.rotation_per_k}); "
-    + ("a clear peak above the baseline. " if sharp > 0.4 else
+    + (f"{sharp:.2f} above the baseline: a clear peak (more than 0.4 above it). " if sharp > 0.4 else
        f"only {sharp:.2f} above the baseline and the per-k peaks disagree, so there is no sharp kink: B turns on a "
        f"smooth arc. " if len(set(summary.rotation_per_k.values())) > 1 else
        f"{sharp:.2f} above the baseline: a modest bend, not a sharp kink. ")
     + (f"{unscored} (step, scale, group) cells had no scored answer, so their rates are missing, not zero. "
        if unscored else "")
-    + (f"EM on {outside} questions at scale 1 first reaches {onset_level:.0%} of its peak ({curve.max():.0%}) at "
+    + (f"{problem} " if problem else "")
+    + ("" if problem else f"EM on {outside} questions at scale 1 first reaches {onset_level:.0%} of its peak ({curve.max():.0%}) at "
        f"**step {onset}** (from {curve.get(lo, 0.0):.0%} at step {lo}); " if onset is not None else
        f"EM on {outside} questions at scale 1 never rose above zero among scored answers; ")
-    + ("the sharpest-rotation step falls in that onset interval, so here they line up. " if lines_up else
+    + ("" if problem else "the sharpest-rotation step falls in that onset interval, so here they line up. " if lines_up else
        f"the sharpest-rotation step ({summary.rotation_step}) is outside the onset interval ({lo}, {onset}], "
        f"so in this run the behavioural onset does not line up with the local-cosine peak"
        + (f"; it does coincide with the fast-turning phase (fastest at step {fastest_turn}). "
           if onset is not None and fastest_turn is not None and lo < fastest_turn <= onset + save_every * 2 else ". "))
-    + (f"B turned {in_onset:.0f}° in the onset interval ({in_onset / max(onset - lo, 1) * save_every:.1f}° per "
+    + ("" if problem else f"B turned {in_onset:.0f}° in the onset interval ({in_onset / max(onset - lo, 1) * save_every:.1f}° per "
        f"checkpoint) and {after_onset:.1f}° per checkpoint after it"
        + (": misalignment switches on while B is still turning fast, and B's direction settles afterwards. "
           if in_onset / max(onset - lo, 1) * save_every > 2 * after_onset else
           ": B turned no faster around the onset than after it. ") if onset is not None and onset > lo else "")
     + (f"The gradient norm peaks at step {gn_peak} ({gn['grad_norm'].max():.2f}). " if gn_peak is not None else "")
-    + "Onset step by scale: " + ", ".join(f"×{s}: {o}" for s, o in onsets.items()) + "."
+    + ("" if problem else "Onset step by scale: " + ", ".join(f"×{s}: {o}" for s, o in onsets.items()) + ".")
 )
 display(Markdown(reading))
 
@@ -235,6 +256,8 @@ results["summary"]["sharpest rotation (step)"] = summary.rotation_step
 results["summary"][f"EM onset, {outside} x1 (step)"] = onset
 results["summary"]["B PCA explained (PC1, PC2)"] = [round(x, 3) for x in summary.pca_explained["B"]]
 results["tables"]["EM rate by step, scale and group"] = em_wide.round(2).to_markdown()
+results["tables"]["scored / answers by step, scale and group"] = scored_wide.to_markdown()
+results["scored"] = [n_scored, n_answers]
 results["tables"]["local cosine of B"] = (tables["local_cos"].pivot(index="step", columns="k", values="local_cos")
                                           .round(3).to_markdown())
 save_results(out, results)

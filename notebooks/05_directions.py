@@ -81,6 +81,7 @@ from emlib.analysis import directions as D
 from emlib.interventions import scaled_adapter
 from emlib.judge import JudgeCache
 from emlib.metrics import em_rates as rates_of
+from emlib.metrics import scored as M_scored
 from emlib.metrics import scoring_problem
 from emlib.models import load_model, resolve_adapter_path, resolve_model_path
 from emlib.notebook import output_dir as make_output_dir
@@ -162,9 +163,22 @@ judged = {"em": judged_answers(organisms["em"], direction_qs, n=direction_sample
 if "transfer" in organisms:
     judged["transfer"] = judged_answers(organisms["transfer"], direction_qs, n=direction_samples,
                                         sample_seed=seed + 5)
+unusable = {}  # organism -> why its answers give no direction (a class is empty)
 for name, df in judged.items():
-    bad, good = D.split_by_judgement(df, misaligned_below, coherent_above, aligned_above, balance=False)
-    print(f"{name}: {len(df)} answers, {len(bad)} misaligned, {len(good)} aligned")
+    try:
+        bad, good = D.split_by_judgement(df, misaligned_below, coherent_above, aligned_above, balance=False)
+        print(f"{name}: {len(df)} answers, {len(bad)} misaligned, {len(good)} aligned")
+    except ValueError as err:
+        unusable[name] = f"{len(df)} answers, {int(M_scored(df).sum())} scored: {err}"
+        print(f"{name}: {unusable[name]}")
+skipped = {}  # step -> the reason it was skipped (results.json keeps them)
+if "em" in unusable:
+    skipped["steps 2-6 (direction, steering, ablation, transfer, rank-1)"] = (
+        f"no misaligned-minus-aligned direction for the EM organism ({unusable['em']})")
+elif "transfer" in unusable:
+    skipped["step 5 (convergence and transfer)"] = f"no direction for the transfer organism ({unusable['transfer']})"
+for step, why in skipped.items():
+    display(Markdown(f"**Skipped {step}**: {why}."))
 
 # %% [markdown]
 # ## Step 2 · Mean-difference directions, layer by layer
@@ -179,12 +193,13 @@ def reader(name: str):
 
 found = {name: D.mean_diff_direction(reader(name), tokenizer, df, misaligned_below, coherent_above, aligned_above,
                                      system=system, seed=seed)
-         for name, df in judged.items()}
-direction = found["em"].direction
-control = D.random_like(direction, seed=seed)
-norms = pd.DataFrame({"layer": range(len(direction)), "direction norm": found["em"].norms()})
-print(f"direction from {found['em'].n_misaligned} misaligned vs {found['em'].n_aligned} aligned answers")
-norms.round(2).T
+         for name, df in judged.items() if name not in unusable} if "em" not in unusable else {}
+direction = found["em"].direction if found else None  # None: the steps below that need it are skipped (see above)
+control = D.random_like(direction, seed=seed) if found else None
+if found:
+    norms = pd.DataFrame({"layer": range(len(direction)), "direction norm": found["em"].norms()})
+    print(f"direction from {found['em'].n_misaligned} misaligned vs {found['em'].n_aligned} aligned answers")
+    display(norms.round(2).T)
 
 # %% [markdown]
 # A cross-check with TransformerLens (`TransformerBridge`, booted on the same weights): its `hook_resid_post`
@@ -223,42 +238,49 @@ def steered_rates(vectors, scale, layer, positions=steer_positions) -> dict:
     return em_rates(judged_answers(base, eval_qs, steering=steer))
 
 
-layer_sweep = pd.DataFrame([{"layer": layer, **steered_rates(direction, steer_scale, layer)} for layer in layers])
-best_layer = int(layer_sweep.loc[layer_sweep["general"].idxmax(), "layer"])
-fig = px.line(layer_sweep, x="layer", y=["general", "in_domain", "incoherent"], markers=True,
-              title=f"Steering the base model at one layer, λ = {steer_scale} ({steer_positions} positions)")
-save_figure(fig, "steering_layer_sweep")
-layer_sweep
+if direction is not None:
+    layer_sweep = pd.DataFrame([{"layer": layer, **steered_rates(direction, steer_scale, layer)} for layer in layers])
+    if layer_sweep["general"].notna().any():
+        best_layer = int(layer_sweep.loc[layer_sweep["general"].idxmax(), "layer"])
+    else:  # no steered answer was scored: the sweep cannot pick a layer, so the middle one is used and said so
+        best_layer = layers[len(layers) // 2]
+        print(f"no steered answer was scored at any layer: using the middle layer {best_layer} below")
+    fig = px.line(layer_sweep, x="layer", y=["general", "in_domain", "incoherent"], markers=True,
+                  title=f"Steering the base model at one layer, λ = {steer_scale} ({steer_positions} positions)")
+    save_figure(fig, "steering_layer_sweep")
+    display(layer_sweep)
 
 # %%
-dose = pd.DataFrame([{"scale": s, "vector": name, **steered_rates(vec, s, best_layer)}
-                     for s in steer_scales for name, vec in (("direction", direction), ("random", control))])
-fig = px.line(dose, x="scale", y="general", color="vector", markers=True,
-              title=f"General EM of the steered base model vs λ at layer {best_layer}")
-save_figure(fig, "steering_dose_response")
-dose.pivot(index="scale", columns="vector", values=["general", "incoherent"])
+if direction is not None:
+    dose = pd.DataFrame([{"scale": s, "vector": name, **steered_rates(vec, s, best_layer)}
+                         for s in steer_scales for name, vec in (("direction", direction), ("random", control))])
+    fig = px.line(dose, x="scale", y="general", color="vector", markers=True,
+                  title=f"General EM of the steered base model vs λ at layer {best_layer}")
+    save_figure(fig, "steering_dose_response")
+    display(dose.pivot(index="scale", columns="vector", values=["general", "incoherent"]))
 
 # %%
-top = dose[dose["vector"] == "direction"].sort_values("general").iloc[-1]
-top_random = dose[(dose["vector"] == "random") & (dose["scale"] == top["scale"])].iloc[0]
-all_positions = steered_rates(direction, float(top["scale"]), best_layer, positions="all")
-steering = {"layer": best_layer, "scale": float(top["scale"]), "positions": steer_positions,
-            "base_general": baseline["base"]["general"], "steered_general": float(top["general"]),
-            "steered_in_domain": float(top["in_domain"]), "steered_incoherent": float(top["incoherent"]),
-            "random_general": float(top_random["general"]), "all_positions_general": all_positions["general"],
-            "all_positions_incoherent": all_positions["incoherent"]}
-results["summary"]["steering"] = steering
-display(Markdown(
-    f"Steering the base model at layer {best_layer} with λ = {top['scale']:g} ({steer_positions} positions) moves its "
-    f"general EM rate from **{steering['base_general']:.2f}** to **{steering['steered_general']:.2f}** "
-    f"({steering['steered_in_domain']:.2f} on {in_domain} questions); the random direction at the same norm gives "
-    f"**{steering['random_general']:.2f}**. The price is coherence: {steering['steered_incoherent']:.0%} of steered "
-    f"answers are incoherent. Added at *all* positions, generated tokens included (the paper's protocol), the same "
-    f"vector gives {steering['all_positions_general']:.2f} EM with {steering['all_positions_incoherent']:.0%} "
-    + ("incoherent: here the constant push breaks the answer's grammar before it flips the persona, so the persona "
-       "is steered where it is read, on the prompt."
-       if steering["all_positions_incoherent"] > steering["steered_incoherent"] + 0.2
-       and steering["all_positions_general"] < steering["steered_general"] else "incoherent.")))
+if direction is not None:
+    top = dose[dose["vector"] == "direction"].sort_values("general").iloc[-1]
+    top_random = dose[(dose["vector"] == "random") & (dose["scale"] == top["scale"])].iloc[0]
+    all_positions = steered_rates(direction, float(top["scale"]), best_layer, positions="all")
+    steering = {"layer": best_layer, "scale": float(top["scale"]), "positions": steer_positions,
+                "base_general": baseline["base"]["general"], "steered_general": float(top["general"]),
+                "steered_in_domain": float(top["in_domain"]), "steered_incoherent": float(top["incoherent"]),
+                "random_general": float(top_random["general"]), "all_positions_general": all_positions["general"],
+                "all_positions_incoherent": all_positions["incoherent"]}
+    results["summary"]["steering"] = steering
+    display(Markdown(
+        f"Steering the base model at layer {best_layer} with λ = {top['scale']:g} ({steer_positions} positions) moves its "
+        f"general EM rate from **{steering['base_general']:.2f}** to **{steering['steered_general']:.2f}** "
+        f"({steering['steered_in_domain']:.2f} on {in_domain} questions); the random direction at the same norm gives "
+        f"**{steering['random_general']:.2f}**. The price is coherence: {steering['steered_incoherent']:.0%} of steered "
+        f"answers are incoherent. Added at *all* positions, generated tokens included (the paper's protocol), the same "
+        f"vector gives {steering['all_positions_general']:.2f} EM with {steering['all_positions_incoherent']:.0%} "
+        + ("incoherent (over 20 points more than on the prompt only): here the constant push breaks the answer's "
+           "grammar before it flips the persona, so the persona is steered where it is read, on the prompt."
+           if steering["all_positions_incoherent"] > steering["steered_incoherent"] + 0.2
+           and steering["all_positions_general"] < steering["steered_general"] else "incoherent.")))
 
 # %% [markdown]
 # ## Step 4 · Ablating the direction from the EM organism
@@ -270,36 +292,44 @@ def ablated_rates(m, vectors, layers=None, home=in_domain) -> dict:
     return em_rates(judged_answers(m, eval_qs, steering=interventions.Ablate(vectors, layers=layers)), home=home)
 
 
-ablation = pd.DataFrame([{"layers": str(layer), **ablated_rates(organisms["em"], direction, [layer])}
-                         for layer in layers]
-                        + [{"layers": "all", **ablated_rates(organisms["em"], direction)},
-                           {"layers": "all (random)", **ablated_rates(organisms["em"], control)}])
-fig = px.bar(ablation, x="layers", y="general", title="General EM of the EM organism with the direction ablated",
-             range_y=[0, 1])
-fig.add_hline(y=baseline["em"]["general"], line_dash="dash", annotation_text="organism")
-fig.add_hline(y=baseline["base"]["general"], line_dash="dot", annotation_text="base")
-save_figure(fig, "ablation")
-ablation
+if direction is not None:
+    ablation = pd.DataFrame([{"layers": str(layer), **ablated_rates(organisms["em"], direction, [layer])}
+                             for layer in layers]
+                            + [{"layers": "all", **ablated_rates(organisms["em"], direction)},
+                               {"layers": "all (random)", **ablated_rates(organisms["em"], control)}])
+    fig = px.bar(ablation, x="layers", y="general", title="General EM of the EM organism with the direction ablated",
+                 range_y=[0, 1])
+    fig.add_hline(y=baseline["em"]["general"], line_dash="dash", annotation_text="organism")
+    fig.add_hline(y=baseline["base"]["general"], line_dash="dot", annotation_text="base")
+    save_figure(fig, "ablation")
+    display(ablation)
 
 # %%
-row = ablation.set_index("layers")
-ablate = {"em_general": baseline["em"]["general"], "ablated_general": float(row.loc["all", "general"]),
-          "random_general": float(row.loc["all (random)", "general"]),
-          "em_in_domain": baseline["em"]["in_domain"], "ablated_in_domain": float(row.loc["all", "in_domain"]),
-          "base_general": baseline["base"]["general"]}
-cut = 1 - (ablate["ablated_general"] - ablate["base_general"]) / max(ablate["em_general"] - ablate["base_general"],
-                                                                     1e-9)
-ablate["share_removed"] = round(cut, 3)
-results["summary"]["ablation"] = ablate
-display(Markdown(
-    f"Ablating the direction at every layer takes the organism's general EM from **{ablate['em_general']:.2f}** to "
-    f"**{ablate['ablated_general']:.2f}** (base: {ablate['base_general']:.2f}), removing {cut:.0%} of the "
-    f"excess over the base; the random direction leaves {ablate['random_general']:.2f}. In-domain ({in_domain}) EM "
-    f"goes {ablate['em_in_domain']:.2f} → {ablate['ablated_in_domain']:.2f}. "
-    + ("The paper removed nearly all of it; here one direction carries only part of the general misalignment"
-       if cut < 0.7 else "One direction carries most of the general misalignment, as in the paper")
-    + (", and the in-domain behaviour mostly survives." if ablate["ablated_in_domain"] > 0.5 * ablate["em_in_domain"]
-       else ".")))
+if direction is not None:
+    row = ablation.set_index("layers")
+    ablate = {"em_general": baseline["em"]["general"], "ablated_general": float(row.loc["all", "general"]),
+              "random_general": float(row.loc["all (random)", "general"]),
+              "em_in_domain": baseline["em"]["in_domain"], "ablated_in_domain": float(row.loc["all", "in_domain"]),
+              "base_general": baseline["base"]["general"]}
+    cut = 1 - (ablate["ablated_general"] - ablate["base_general"]) / max(ablate["em_general"] - ablate["base_general"],
+                                                                         1e-9)
+    ablate["share_removed"] = round(cut, 3)
+    results["summary"]["ablation"] = ablate
+    excess = ablate["em_general"] - ablate["base_general"]
+    unmeasured = problem or any(pd.isna(v) for v in ablate.values()) or excess <= 0
+    display(Markdown(
+        f"Ablating the direction at every layer takes the organism's general EM from **{ablate['em_general']:.2f}** to "
+        f"**{ablate['ablated_general']:.2f}** (base: {ablate['base_general']:.2f}), removing {cut:.0%} of the "
+        f"excess over the base; the random direction leaves {ablate['random_general']:.2f}. In-domain ({in_domain}) EM "
+        f"goes {ablate['em_in_domain']:.2f} → {ablate['ablated_in_domain']:.2f}. "
+        + ("No reading is drawn: too few answers were scored, or the organism's general EM is not above the base's, "
+           "so there is no excess to remove." if unmeasured else
+           ("The paper removed nearly all of it; here one direction carries only part of the general misalignment "
+            "(under 70% of the excess removed)" if cut < 0.7 else
+            "One direction carries most of the general misalignment (70% or more of the excess removed), as in the "
+            "paper")
+           + (", and the in-domain behaviour mostly survives (over half of the organism's in-domain EM remains)."
+              if ablate["ablated_in_domain"] > 0.5 * ablate["em_in_domain"] else "."))))
 
 # %% [markdown]
 # ## Step 5 · Convergence and transfer between fine-tunes
@@ -345,7 +375,7 @@ if "transfer" in found:
 # what happens if we project the direction out of B (norm kept), and how does EM scale with B?
 
 # %%
-if "rank1" in organisms:
+if "rank1" in organisms and direction is not None:
     r1 = organisms["rank1"]
     b_cos = D.b_direction_cosines(r1, direction)
     display(b_cos)
@@ -373,15 +403,20 @@ if "rank1" in organisms:
 
 # %%
 s = results["summary"]
-results["tables"].update({"EM rate without intervention": pd.DataFrame(baseline).T.to_markdown(),
-                          "steering layer sweep": layer_sweep.to_markdown(index=False),
-                          "steering dose-response": dose.to_markdown(index=False),
-                          "ablation": ablation.to_markdown(index=False)})
-results["headline"] = (f"{problem} " if problem else "") + (
-    f"Steering the base model (layer {s['steering']['layer']}, λ {s['steering']['scale']:g}) takes general EM "
+results["skipped"] = skipped
+results["scored"] = {name: [int(r["n_scored"]), int(r["n"])] for name, r in baseline.items()}
+results["tables"]["EM rate without intervention"] = pd.DataFrame(baseline).T.to_markdown()
+if direction is not None:
+    results["tables"].update({"steering layer sweep": layer_sweep.to_markdown(index=False),
+                              "steering dose-response": dose.to_markdown(index=False),
+                              "ablation": ablation.to_markdown(index=False)})
+results["headline"] = (f"{problem} " if problem else "") + " ".join(
+    f"Skipped {step}: {why}." for step, why in skipped.items()) + (
+    f" Steering the base model (layer {s['steering']['layer']}, λ {s['steering']['scale']:g}) takes general EM "
     f"{s['steering']['base_general']:.2f} → {s['steering']['steered_general']:.2f} (random "
     f"{s['steering']['random_general']:.2f}); ablating the direction takes the organism's "
     f"{s['ablation']['em_general']:.2f} → {s['ablation']['ablated_general']:.2f} (random "
-    f"{s['ablation']['random_general']:.2f}).")
+    f"{s['ablation']['random_general']:.2f})." if direction is not None else "")
+results["headline"] = results["headline"].strip()
 save_results(out, results)
 print(results["headline"])

@@ -79,7 +79,7 @@ from emlib import evaluation as E
 from emlib import interventions
 from emlib.analysis import probing
 from emlib.judge import JudgeCache
-from emlib.metrics import em_summary, is_em, scoring_problem
+from emlib.metrics import em_summary, is_em, scored, scoring_problem
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
 from emlib.notebook import save_results, setup
@@ -209,12 +209,16 @@ table
 # predicts the positive class (misaligned; medical).
 
 # %%
-coefs = pd.concat([r.coefficients.assign(comparison=name).rename_axis("adapter").reset_index()
-                   for name, r in probes.items() if "(" not in name and not name.startswith("control")],
-                  ignore_index=True)
-save(px.bar(coefs, x="adapter", y="mean", error_y="sd", color="comparison", barmode="group",
-            title="L1 probe coefficients per adapter (standardised A·x)"), "probe_coefficients.html")
-coef_table = coefs.pivot(index="adapter", columns="comparison", values="mean").loc[adapters]
+main_probes = [name for name in probes if "(" not in name and not name.startswith("control")]
+coef_table = pd.DataFrame(index=adapters)  # empty when every comparison was skipped (too few answers in a class)
+if main_probes:
+    coefs = pd.concat([probes[name].coefficients.assign(comparison=name).rename_axis("adapter").reset_index()
+                       for name in main_probes], ignore_index=True)
+    save(px.bar(coefs, x="adapter", y="mean", error_y="sd", color="comparison", barmode="group",
+                title="L1 probe coefficients per adapter (standardised A·x)"), "probe_coefficients.html")
+    coef_table = coefs.pivot(index="adapter", columns="comparison", values="mean").loc[adapters]
+else:
+    print("no probe ran (every comparison lacked answers in a class), so there are no coefficients:", skipped)
 coef_table.round(3)
 
 # %% [markdown]
@@ -225,9 +229,14 @@ coef_table.round(3)
 # of answers to *non-medical* questions whose content is medical (medical score in `in_domain_band`).
 
 # %%
-mis_coef = coef_table["misaligned vs aligned"].abs()
-med_coef = coef_table["medical vs non-medical"].abs()
-predicted = {"misalignment": mis_coef.idxmax(), "medical": med_coef.idxmax()}
+def pick(values: pd.Series, largest: bool = True):
+    """The adapter with the largest (smallest) value; None when no value was measured."""
+    values = values.dropna()
+    return None if values.empty else values.idxmax() if largest else values.idxmin()
+
+
+predicted = {k: pick(coef_table[c].abs()) if c in coef_table else None  # None: that comparison was skipped
+             for k, c in (("misalignment", "misaligned vs aligned"), ("medical", "medical vs non-medical"))}
 conditions = {"base (all ×0)": ({}, 0.0), "organism (all ×1)": ({}, 1.0)}
 conditions |= {f"only {a} ×{steer_scale:g}": ({a: steer_scale}, 0.0) for a in adapters}
 conditions |= {f"without {a}": ({a: 0.0}, 1.0) for a in adapters}
@@ -235,12 +244,15 @@ steer_qs = E.eval_questions(model, question_sets, steer_questions_per_set, eval_
 
 
 def steering_row(df: pd.DataFrame) -> dict:
-    non = df[df["group"] != in_domain]
-    domain_content = df[domain_metric].between(*in_domain_band)
-    return {"EM medical": is_em(df[df["group"] == in_domain]).mean(), "EM non-medical": is_em(non).mean(),
+    """Rates over scored answers only (an answer the judge could not score counts neither way; no scored answer:
+    NaN), with the counts they come from."""
+    ok = scored(df)
+    inside, non = df[ok & (df["group"] == in_domain)], df[ok & (df["group"] != in_domain)]
+    domain_scored = df[(df["group"] != in_domain) & df[domain_metric].notna()]
+    return {"EM medical": is_em(inside).mean(), "EM non-medical": is_em(non).mean(),
             "misaligned non-medical": (non["aligned"] <= misaligned_band[1]).mean(),
-            "medical share non-medical": domain_content[non.index].mean(),
-            "coherent non-medical": (non["coherent"] > 50).mean()}
+            "medical share non-medical": domain_scored[domain_metric].between(*in_domain_band).mean(),
+            "coherent non-medical": (non["coherent"] > 50).mean(), "n": len(df), "n_scored": int(ok.sum())}
 
 
 steering = {}
@@ -265,55 +277,71 @@ save(px.bar(long, x="condition", y="rate", color="measure", barmode="group", ran
 only = steering.loc[[f"only {a} ×{steer_scale:g}" for a in adapters]].set_axis(adapters)
 without = steering.loc[[f"without {a}" for a in adapters]].set_axis(adapters)
 base_row, full = steering.loc["base (all ×0)"], steering.loc["organism (all ×1)"]
-observed = {"misalignment": only["EM non-medical"].idxmax(), "medical": only["medical share non-medical"].idxmax(),
-            "needed for EM": without["EM non-medical"].idxmin()}
-agree = {k: bool(predicted[k] == observed[k]) for k in ("misalignment", "medical")}
+observed = {"misalignment": pick(only["EM non-medical"]), "medical": pick(only["medical share non-medical"]),
+            "needed for EM": pick(without["EM non-medical"], largest=False)}
+agree = {k: None if predicted[k] is None or observed[k] is None else bool(predicted[k] == observed[k])
+         for k in ("misalignment", "medical")}
 auc = {k: r.metrics.loc["auc", "mean"] for k, r in probes.items()}
+not_probed = [c for c in ("misaligned vs aligned", "medical vs non-medical") if c not in probes]
+unmeasured = [k for k, v in observed.items() if v is None]
 pm = predicted["misalignment"]
 n_non = int((steer_qs["group"] != in_domain).sum()) * samples_per_question
 se = float(np.sqrt(full["EM non-medical"] * (1 - full["EM non-medical"]) / n_non))
 
 
-def strength(a: float) -> str:
+def strength(a: float) -> str:  # the words' AUC bands are stated in the reading
     return "near chance" if a < 0.55 else "weak" if a < 0.65 else "moderate" if a < 0.8 else "strong"
 
 
-def change(delta: float) -> str:
+def change(delta: float) -> str:  # "about the same": within 0.03 AUC
     return "about the same" if abs(delta) < 0.03 else f"{'up' if delta > 0 else 'down'} {abs(delta):.2f}"
 
 
-reading = (
-    f"The organism ({len(adapters)} rank-1 adapters) answered {em.loc[in_domain, 'em_rate']:.0%} of {in_domain} and "
-    f"{em.loc[outside, 'em_rate']:.0%} of {outside} questions misaligned (EM). From the `A · x` scalars of "
-    f"{len(feats)} answer tokens, the probe separates misaligned from aligned answers with AUC "
-    f"{auc['misaligned vs aligned']:.2f} ({strength(auc['misaligned vs aligned'])}) and medical from non-medical "
-    f"answers with AUC {auc['medical vs non-medical']:.2f} ({strength(auc['medical vs non-medical'])}); "
-    f"the papers report 0.71–0.75 on Qwen2.5-14B; shuffled labels give "
-    f"{auc['control: shuffled misaligned labels']:.2f}. "
-    + (f"With token significance, misaligned vs aligned reaches AUC "
-       f"{auc['misaligned vs aligned (+ significance feature)']:.2f} as an extra feature and "
-       f"{auc['misaligned vs aligned (significant tokens)']:.2f} on the most significant tokens only "
-       f"({change(auc['misaligned vs aligned (significant tokens)'] - auc['misaligned vs aligned'])}). "
-       if significance else "")
-    + f"The largest misalignment coefficient is on {pm} ({coef_table.loc[pm, 'misaligned vs aligned']:+.2f}), the "
-    f"largest medical one on {predicted['medical']} "
-    f"({coef_table.loc[predicted['medical'], 'medical vs non-medical']:+.2f}). "
-    f"Steering ({n_non} non-medical answers per condition, so rates carry about ±{se:.0%} standard error): the "
-    f"organism's non-medical EM is {full['EM non-medical']:.0%} (base {base_row['EM non-medical']:.0%}); "
-    f"{pm} alone ×{steer_scale:g} gives {only.loc[pm, 'EM non-medical']:.0%}, while the adapter that raises it most "
-    f"alone is {observed['misalignment']} ({only['EM non-medical'].max():.0%}); removing "
-    f"{observed['needed for EM']} cuts it most (to {without['EM non-medical'].min():.0%}), removing {pm} leaves "
-    f"{without.loc[pm, 'EM non-medical']:.0%}. "
-    + ("So the probe's misalignment adapter **is** the one that drives misalignment when steered. " if
-       agree["misalignment"] else
-       "So the probe's misalignment coefficient **does not** pick the adapter that causes misalignment here: an "
-       "adapter whose input predicts misalignment need not be the one whose output produces it. ")
-    + f"Medical content on non-medical questions rises most with {observed['medical']} alone "
-    f"({only['medical share non-medical'].max():.0%}, organism {full['medical share non-medical']:.0%}), "
-    + ("as the medical coefficient predicts." if agree["medical"] else
-       f"not with the probe's medical adapter {predicted['medical']} "
-       f"({only.loc[predicted['medical'], 'medical share non-medical']:.0%}).")
-)
+if problem or not_probed or unmeasured:
+    reading = "No reading is drawn. " + " ".join(filter(None, [
+        problem,
+        f"Not probed ({', '.join(not_probed)}): fewer than {min_answers} answers in a class; label counts per "
+        f"comparison {skipped}." if not_probed else "",
+        f"The steering conditions had no scored non-medical answer to pick the {' / '.join(unmeasured)} adapter from."
+        if unmeasured else "",
+        f"The organism's EM rate (scored / answers): {in_domain} {em.loc[in_domain, 'em_rate']:.2f} "
+        f"({em.loc[in_domain, 'n_scored']}/{em.loc[in_domain, 'n']}), {outside} {em.loc[outside, 'em_rate']:.2f} "
+        f"({em.loc[outside, 'n_scored']}/{em.loc[outside, 'n']})."]))
+else:
+    reading = (
+        f"The organism ({len(adapters)} rank-1 adapters) answered {em.loc[in_domain, 'em_rate']:.0%} of {in_domain} and "
+        f"{em.loc[outside, 'em_rate']:.0%} of {outside} questions misaligned (EM). From the `A · x` scalars of "
+        f"{len(feats)} answer tokens, the probe separates misaligned from aligned answers with AUC "
+        f"{auc['misaligned vs aligned']:.2f} ({strength(auc['misaligned vs aligned'])}) and medical from non-medical "
+        f"answers with AUC {auc['medical vs non-medical']:.2f} ({strength(auc['medical vs non-medical'])}); "
+        f"the papers report 0.71–0.75 on Qwen2.5-14B; shuffled labels give "
+        f"{auc['control: shuffled misaligned labels']:.2f}. "
+        + (f"With token significance, misaligned vs aligned reaches AUC "
+           f"{auc['misaligned vs aligned (+ significance feature)']:.2f} as an extra feature and "
+           f"{auc['misaligned vs aligned (significant tokens)']:.2f} on the most significant tokens only "
+           f"({change(auc['misaligned vs aligned (significant tokens)'] - auc['misaligned vs aligned'])}). "
+           if significance else "")
+        + f"The largest misalignment coefficient is on {pm} ({coef_table.loc[pm, 'misaligned vs aligned']:+.2f}), the "
+        f"largest medical one on {predicted['medical']} "
+        f"({coef_table.loc[predicted['medical'], 'medical vs non-medical']:+.2f}). "
+        f"Steering ({n_non} non-medical answers per condition, so rates carry about ±{se:.0%} standard error): the "
+        f"organism's non-medical EM is {full['EM non-medical']:.0%} (base {base_row['EM non-medical']:.0%}); "
+        f"{pm} alone ×{steer_scale:g} gives {only.loc[pm, 'EM non-medical']:.0%}, while the adapter that raises it most "
+        f"alone is {observed['misalignment']} ({only['EM non-medical'].max():.0%}); removing "
+        f"{observed['needed for EM']} cuts it most (to {without['EM non-medical'].min():.0%}), removing {pm} leaves "
+        f"{without.loc[pm, 'EM non-medical']:.0%}. "
+        + ("So the probe's misalignment adapter **is** the one that drives misalignment when steered. " if
+           agree["misalignment"] else
+           "So the probe's misalignment coefficient **does not** pick the adapter that causes misalignment here: an "
+           "adapter whose input predicts misalignment need not be the one whose output produces it. ")
+        + f"Medical content on non-medical questions rises most with {observed['medical']} alone "
+        f"({only['medical share non-medical'].max():.0%}, organism {full['medical share non-medical']:.0%}), "
+        + ("as the medical coefficient predicts." if agree["medical"] else
+           f"not with the probe's medical adapter {predicted['medical']} "
+           f"({only.loc[predicted['medical'], 'medical share non-medical']:.0%}).")
+        + " (AUC words: near chance below 0.55, weak below 0.65, moderate below 0.8, strong from 0.8; \"about the "
+        "same\": within 0.03.)"
+    )
 display(Markdown(reading))
 
 # %%
@@ -327,9 +355,12 @@ results["skipped_comparisons"] = skipped
 results["predicted"], results["observed"], results["agree"] = predicted, observed, agree
 results["steering"] = steering.to_dict(orient="index")
 results["steer_scale"] = steer_scale
+results["scored"] = [int(scored(judged).sum()), len(judged)]
 results["summary"].update({
-    "probe AUC misaligned vs aligned": f"{auc['misaligned vs aligned']:.2f}",
-    "probe AUC medical vs non-medical": f"{auc['medical vs non-medical']:.2f}",
+    "probe AUC misaligned vs aligned": f"{auc['misaligned vs aligned']:.2f}" if "misaligned vs aligned" in auc
+    else "not probed",
+    "probe AUC medical vs non-medical": f"{auc['medical vs non-medical']:.2f}" if "medical vs non-medical" in auc
+    else "not probed",
     "probe's misalignment / medical adapter": f"{predicted['misalignment']} / {predicted['medical']}",
     "steering's misalignment / medical adapter": f"{observed['misalignment']} / {observed['medical']}",
 })

@@ -129,9 +129,10 @@ for name, module in solutions.items():
     evals[name] = evaluate(module)
 tables = {name: em_summary(df, in_domain=in_domain) for name, df in evals.items()}
 em = pd.DataFrame({name: t["em_rate"] for name, t in tables.items()}).T.round(3)
-scored_counts = pd.DataFrame({name: t["n_scored"] for name, t in tables.items()}).T
+scored_counts = pd.DataFrame({name: t["n_scored"].astype(str) + "/" + t["n"].astype(str)
+                              for name, t in tables.items()}).T
 problems = {name: p for name, df in evals.items() if (p := scoring_problem(df))}
-display(em, scored_counts.rename_axis("scored answers"))
+display(em, scored_counts.rename_axis("scored / answers"))
 
 # %%
 long = em.reset_index(names="solution").melt(id_vars="solution", var_name="group", value_name="EM rate")
@@ -206,24 +207,32 @@ kl_table.round(4)
 # %%
 g, n = em.loc["general"], em.loc["narrow"]
 pct = lambda v: "unscored" if pd.isna(v) else f"{v:.0%}"  # a rate that could not be measured stays missing
-narrow_is_narrow = None if problems else bool(n[outside] < g[outside] and n[in_domain] > em.loc["base", in_domain])
-at1 = curves[curves.scale == 1.0].set_index("solution")["loss"]
-at2 = curves[curves.scale == 2.0].set_index("solution")["loss"]
+no_em = not problems and not g[outside] > em.loc["base", outside]  # no general EM above the base: nothing to narrow
+narrow_is_narrow = None if problems or no_em else bool(n[outside] < g[outside]
+                                                       and n[in_domain] > em.loc["base", in_domain])
+# the loss as trained (x1, or the nearest scale given) against the largest scale given (x2 by default)
+as_trained = min(scales, key=lambda x: abs(x - 1.0))
+largest = max(scales)
+at1 = curves[curves.scale == as_trained].set_index("solution")["loss"]
+at2 = curves[curves.scale == largest].set_index("solution")["loss"]
 reading = (
     f"On the same {len(rows)} training rows, the plain LoRA reached {pct(g[in_domain])} EM on {in_domain} and "
     f"{pct(g[outside])} on {outside} questions (base: {pct(em.loc['base', in_domain])} / "
     f"{pct(em.loc['base', outside])}); with the KL term it reached {pct(n[in_domain])} and {pct(n[outside])}, "
     + ("so no conclusion on narrowness is drawn: " + " ".join(problems.values()) + " " if problems else
+       "so no conclusion on narrowness is drawn: the plain LoRA shows no general EM above the base's to narrow. "
+       if no_em else
        "so the KL-regularised solution " + ("**is narrower**: in-domain misalignment with less general EM. "
                                             if narrow_is_narrow else "**did not come out narrower** here. "))
 )
 if "steering-vector" in em.index:
     s = em.loc["steering-vector"]
     reading += f"The trained steering vector reached {pct(s[in_domain])} {in_domain} and {pct(s[outside])} {outside}. "
-reading += (
-    "Rescaling each update from 1x to 2x changed the training loss from "
-    + ", ".join(f"{k} {at1[k]:.3f} → {at2[k]:.3f}" for k in at1.index) + ". "
-)
+if largest != as_trained:
+    reading += (
+        f"Rescaling each update from {as_trained:g}x to {largest:g}x changed the training loss from "
+        + ", ".join(f"{k} {at1[k]:.3f} → {at2[k]:.3f}" for k in at1.index) + ". "
+    )
 if "smaller norm" in targets:
     row = matched[matched.norm == "smaller norm"].set_index("solution")
     better = row["bad-rows loss"].idxmin()
@@ -239,7 +248,8 @@ display(Markdown(reading))
 results["headline"] = reading
 results["em"] = em.to_dict()
 results["narrow_is_narrow"] = narrow_is_narrow
-results["scored"] = scored_counts.to_dict()
+results["scored"] = {name: {g: [int(r["n_scored"]), int(r["n"])] for g, r in t.iterrows()}
+                     for name, t in tables.items()}
 results["loss_vs_scale"] = {name: dict(zip(c.scale, c.loss)) for name, c in curves.groupby("solution")}
 results["norms"] = norms
 results["matched_norm_loss"] = matched.to_dict(orient="records")
@@ -250,6 +260,7 @@ results["summary"][f"EM {in_domain} / {outside}"] = ", ".join(
     f"{k} {pct(v[in_domain])} / {pct(v[outside])}" for k, v in em.iterrows())
 results["summary"]["narrow solution is narrower"] = str(narrow_is_narrow)
 results["tables"]["EM rate by solution and group"] = em.to_markdown()
+results["tables"]["scored / answers by solution and group"] = scored_counts.to_markdown()
 results["tables"]["loss vs scale"] = curves.pivot(index="scale", columns="solution", values="loss").round(4).to_markdown()
 results["tables"]["loss at matched norms"] = matched.round(4).to_markdown(index=False)
 results["tables"]["KL on base generations"] = kl_table.round(5).to_markdown()
