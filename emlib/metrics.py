@@ -186,7 +186,9 @@ def compare_organisms(frames: Mapping[str, pd.DataFrame], by: str | None = None,
 
 
 def format_rate(rate: float, lo: float, hi: float) -> str:
-    """``"12.5% [8.0, 17.5]"``: a rate with its interval, for tables and prose."""
+    """``"12.5% [8.0, 17.5]"``: a rate with its interval, for tables and prose (``"unscored"`` when there is none)."""
+    if np.isnan(rate):
+        return "unscored"
     return f"{100 * rate:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 

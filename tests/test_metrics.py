@@ -76,6 +76,7 @@ def test_compare_organisms_and_readable_table():
     text = M.readable_table(t)
     assert text.loc["bad", "EM rate [95% CI]"].startswith("60.0% [")
     assert M.format_rate(0.125, 0.08, 0.175) == "12.5% [8.0, 17.5]"
+    assert M.format_rate(float("nan"), float("nan"), float("nan")) == "unscored"
 
 
 def test_plots_have_threshold_lines_and_whiskers():

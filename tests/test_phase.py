@@ -157,6 +157,8 @@ def test_onset_step():
                        "em_rate": [0, 0.1, 0.4, 0.5, 0, 0.5, 0.5, 0.5]})
     assert phase.onset_step(em, 0.5, group="non-medical", scale=1.0) == 15
     assert phase.onset_step(em, 0.5, group="non-medical", scale=2.0) == 10
+    unscored = em.assign(em_rate=float("nan"))  # no checkpoint scored: no onset, not a crash
+    assert phase.onset_step(unscored, 0.5, group="non-medical", scale=1.0) is None
 
 
 def test_real_rank1_run_and_scaled_em(tmp_path):

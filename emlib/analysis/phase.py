@@ -432,7 +432,7 @@ def em_along_run(model, tokenizer, run: str | Path, steps: Sequence[int], questi
             table = em_summary(judged, in_domain=in_domain)
             for group, r in table.iterrows():
                 rows.append({"step": int(step), "scale": float(scale), "group": group, "em_rate": float(r["em_rate"]),
-                             "n_scored": int(r["n_scored"])})
+                             "n": int(r["n"]), "n_scored": int(r["n_scored"])})
     return pd.DataFrame(rows)
 
 
@@ -440,7 +440,7 @@ def onset_step(em: pd.DataFrame, level: float = 0.5, group: str | None = None, s
     """First step where the EM rate (of ``group``, else the mean over groups) reaches ``level`` × its maximum."""
     d = em[em["scale"] == scale]
     d = d[d["group"] == group] if group is not None else d
-    curve = d.groupby("step")["em_rate"].mean().sort_index()
+    curve = d.groupby("step")["em_rate"].mean().sort_index().dropna()  # unscored checkpoints have no rate
     if curve.empty or curve.max() <= 0:
         return None
     return int(curve.index[curve >= level * curve.max()][0])
