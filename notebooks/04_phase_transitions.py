@@ -42,7 +42,8 @@ samples_per_question = 1  # answers per question and checkpoint
 max_new_tokens = 64  # None: the question sets' own (600)
 in_domain = None  # the trained domain's group; None: "medical" offline, "medical_heldout" otherwise
 ks = [5, 10, 15]  # local-cosine offsets, in training steps
-threshold = 0.002  # a step counts only if B moved more than this (papers: 0.0035 Qwen, 0.002 Llama)
+threshold = None  # a step is skipped only if A and B both moved less than this; None: the papers' for the model family
+# (phase.paper_threshold: 0.0035 Qwen medical, 0.002 Llama / sport / finance) and 0.002 for the offline organism
 n_em_checkpoints = 8  # checkpoints evaluated for EM (evenly spaced, first and last included)
 scales = [0, 0.5, 1, 1.5, 2]  # adapter scale factors (papers on 14B: [1, 5, 10, 20])
 onset_level = 0.5  # EM onset: first evaluated step reaching this fraction of the run's peak (outside the domain, x1)
@@ -100,6 +101,15 @@ print(f"{len(traj.steps)} checkpoints, adapters {[phase.short_name(a) for a in t
 # for each k (−1 = a straight path, 0 = a right-angle turn), the cosine to the final vector, and the gradient norm.
 
 # %%
+if threshold is None and not offline:
+    domain = next((d for d, key in (("medical", "medical"), ("sport", "sport"), ("finance", "financ"))
+                   if key in str(dataset).lower()), "medical")
+    try:
+        threshold = phase.paper_threshold(model, domain)
+    except ValueError as err:  # a family the papers did not train: fall back, and say so
+        print(f"{err}; using 0.002")
+threshold = 0.002 if threshold is None else threshold
+print(f"local-cosine threshold {threshold}")
 summary, tables = phase.analyse(traj, ks=ks, threshold=threshold)
 turn = phase.turning_angles(traj.vectors("B"), traj.steps)
 print(f"sharpest rotation of B: step {summary.rotation_step} (mean local cos {summary.rotation_local_cos:.2f}, "

@@ -56,6 +56,7 @@ C = 0.01  # inverse L1 strength of the probe (the papers' 0.01)
 n_repeats = 100  # probe fits on fresh stratified 80/20 splits
 test_size = 0.2
 split_by_answer = True  # keep each answer's tokens on one side of a split (False: per-token splits, as the papers)
+papers_protocol = True  # also run the papers' protocol (per-token split, z-score and balance before it, log sig >= 0.5)
 min_answers = 10  # a comparison runs only if each class has this many answers
 significance = True  # also probe with token significance (KL gradient norm): as a feature, and as a filter
 significance_quantile = 0.5  # the filter keeps tokens at or above this quantile of significance
@@ -196,6 +197,9 @@ for name, answer_label in comparisons.items():
         top = token_sig >= np.quantile(token_sig, significance_quantile)
         probes[f"{name} (significant tokens)"] = probing.probe(
             feats.loc[top, adapters], y[top], **{**run, "groups": feats["row"][top] if split_by_answer else None})
+    if papers_protocol and name == "misaligned vs aligned":  # comparable with the papers' AUC 0.71-0.75
+        probes[f"{name} (papers' protocol)"] = probing.probe_as_papers(
+            feats[adapters], y, significance=token_sig, C=C, n_repeats=n_repeats, test_size=test_size, seed=seed)
 table = pd.DataFrame({name: {**r.row(), "answers (0 / 1)": f"{(comparisons[name.split(' (')[0]] == 0).sum()} / "
                                                           f"{(comparisons[name.split(' (')[0]] == 1).sum()}"}
                       for name, r in probes.items()}).T
@@ -282,6 +286,7 @@ observed = {"misalignment": pick(only["EM non-medical"]), "medical": pick(only["
 agree = {k: None if predicted[k] is None or observed[k] is None else bool(predicted[k] == observed[k])
          for k in ("misalignment", "medical")}
 auc = {k: r.metrics.loc["auc", "mean"] for k, r in probes.items()}
+PAPERS_AUC = "misaligned vs aligned (papers' protocol)"
 not_probed = [c for c in ("misaligned vs aligned", "medical vs non-medical") if c not in probes]
 unmeasured = [k for k, v in observed.items() if v is None]
 pm = predicted["misalignment"]
@@ -314,7 +319,11 @@ else:
         f"{len(feats)} answer tokens, the probe separates misaligned from aligned answers with AUC "
         f"{auc['misaligned vs aligned']:.2f} ({strength(auc['misaligned vs aligned'])}) and medical from non-medical "
         f"answers with AUC {auc['medical vs non-medical']:.2f} ({strength(auc['medical vs non-medical'])}); "
-        f"the papers report 0.71–0.75 on Qwen2.5-14B; shuffled labels give "
+        f"the papers report 0.71–0.75 on Qwen2.5-14B"
+        + (f" with their protocol (tokens of one answer on both sides of a split), which gives "
+           f"{auc[PAPERS_AUC]:.2f} here"
+           if PAPERS_AUC in auc else "")
+        + "; shuffled labels give "
         f"{auc['control: shuffled misaligned labels']:.2f}. "
         + (f"With token significance, misaligned vs aligned reaches AUC "
            f"{auc['misaligned vs aligned (+ significance feature)']:.2f} as an extra feature and "
