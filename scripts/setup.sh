@@ -59,5 +59,8 @@ if ! "${PIP[@]}" -r requirements.txt > .venv/pip-install.log 2>&1; then
   grep -v "is ignored: it is neither a file nor a directory" .venv/pip-install.log; exit 1
 fi
 "${PIP[@]}" --no-deps -e .
+# A named kernel inside .venv: JupyterLab (`make lab`) and VS Code list it as "emlib (.venv)", this interpreter.
+# (papermill runs use the python3 kernel, which is the interpreter running papermill: the same one under make.)
+.venv/bin/python -m ipykernel install --sys-prefix --name emlib --display-name "emlib (.venv)" >/dev/null
 .venv/bin/python -c "import emlib, torch, transformers, peft, papermill; print('setup: ok, torch', torch.__version__)"
 echo "$want" > "$stamp"

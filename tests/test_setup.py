@@ -1,4 +1,4 @@
-"""The set-up: one supported Python range, stated alike everywhere and set by the pins.
+"""The set-up: one supported Python range, stated alike everywhere and set by the pins; the kernels notebooks run on.
 
 The range lives in scripts/setup.sh (PY_MIN, PY_MAX), which checks the interpreter before it creates .venv.
 pyproject.toml, environment.yml and the README must say the same. The floor comes from the pins'
@@ -104,3 +104,23 @@ def test_setup_refuses_an_unsupported_python_and_says_what_to_do(tmp_path):
     for needed in ("3.10.12", f"3.{LOW}-3.{HIGH}", f"PYTHON=python3.{LOW} make run", "environment.yml"):
         assert needed in done.stderr, f"setup.sh's message lacks {needed!r}:\n{done.stderr}"
 
+
+def test_papermill_kernel_is_this_interpreter():
+    """run_notebooks asks for the python3 kernel: in .venv it must launch the interpreter running papermill."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    argv0 = KernelSpecManager().get_kernel_spec("python3").argv[0]
+    # ipykernel's own spec says "python", which jupyter_client replaces with sys.executable when it launches
+    assert argv0 in ("python", "python3", sys.executable), argv0
+
+
+def test_named_kernel_is_this_interpreter():
+    """setup.sh registers "emlib (.venv)" inside .venv for JupyterLab and VS Code; it must run this interpreter."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec("emlib")
+    except NoSuchKernel:
+        pytest.skip("no emlib kernel registered (scripts/setup.sh registers it; the conda route may not)")
+    assert spec.display_name == "emlib (.venv)"
+    assert spec.argv[0] == sys.executable
