@@ -5,17 +5,26 @@
 
 Each notebook gets ``output_dir`` (its own folder in the run) and writes ``results.json`` there; ``summary.md`` gathers
 their ``summary`` numbers and tables with links to the executed notebooks and figures.
+
+Kernels: papermill runs each notebook on the ``python3`` kernel, which jupyter_client starts with the interpreter
+running this module (``sys.executable``: the ``.venv`` one under ``make run``), so nothing has to be registered; the
+kernel that ``make setup`` registers for people ("emlib (.venv)") is the same interpreter. The kernel talks to
+papermill over local sockets (IPC) on POSIX, not TCP ports.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
 
+import nbformat
 import papermill as pm
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import CaselessStrEnum
 
 from emlib import paths
 
@@ -36,16 +45,52 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return [found[n] for n in names]
 
 
+class LocalSocketKernelManager(AsyncKernelManager):
+    """A kernel reached over local (IPC) sockets in Jupyter's runtime folder instead of TCP ports on 127.0.0.1.
+
+    Nothing listens on a port, so no other local user can connect, and ipykernel has no reason to log "Kernel is
+    running over TCP without encryption" once per notebook. IPC sockets need POSIX; elsewhere this stays TCP.
+    """
+
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="tcp" if os.name == "nt" else "ipc", config=True)
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_progress_widgets(path: Path) -> int:
+    """Remove widget outputs (tqdm's progress bars) and saved widget state from an executed notebook.
+
+    A progress bar is for someone watching a live kernel. Saved, it is a stale "0%" line on any page that shows the
+    text fallback, and "model not found" in JupyterLab for every bar that closed (``leave=False``). Returns how
+    many outputs were removed.
+    """
+    book = nbformat.read(path, as_version=4)
+    removed = 0
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            keep = [o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})]
+            removed += len(cell.outputs) - len(keep)
+            cell.outputs = keep
+    book.metadata.pop("widgets", None)
+    nbformat.write(book, path)
+    return removed
+
+
 def run_notebook(src: Path, run_dir: Path, parameters: dict | None = None) -> dict:
     """Execute ``src`` into ``run_dir/<name>.ipynb``; returns its results.json plus wall time.
 
     A failing cell raises papermill's ``PapermillExecutionError`` naming the cell; the partly executed copy is kept.
+    Progress bars are dropped from the executed copy (see :func:`drop_progress_widgets`).
     """
     out_dir = run_dir / src.stem
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    pm.execute_notebook(str(src), str(run_dir / src.name), parameters={"output_dir": str(out_dir), **(parameters or {})},
-                        kernel_name="python3", cwd=str(src.parent), progress_bar=False)
+    executed = run_dir / src.name
+    pm.execute_notebook(str(src), str(executed), parameters={"output_dir": str(out_dir), **(parameters or {})},
+                        kernel_name="python3", cwd=str(src.parent), progress_bar=False,
+                        kernel_manager_class=LocalSocketKernelManager)
+    drop_progress_widgets(executed)
     results_file = out_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     return {"results": results, "seconds": round(time.time() - start, 1)}
