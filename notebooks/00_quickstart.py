@@ -59,7 +59,7 @@ from emlib.generate import sample_answers
 from emlib.metrics import em_table
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = model == paths.OFFLINE_MODEL
 device = setup(seed=seed, threads=threads, offline=offline, device=device)
@@ -112,8 +112,7 @@ if offline:
     long = em.reset_index(names="model").melt(id_vars="model", var_name="group", value_name="EM rate")
     fig = px.bar(long, x="group", y="EM rate", color="model", barmode="group", range_y=[0, 1],
                  title=f"EM rate: {model} with and without {adapter}")
-    fig.write_html(out / "em_base_vs_finetuned.html")
-    results["figures"].append("em_base_vs_finetuned.html")
+    save_figure(fig, out, "em_base_vs_finetuned", results)
     fig.show()
     results["em"] = em.to_dict()
     results["tables"]["EM rate, base vs fine-tuned"] = em.to_markdown()

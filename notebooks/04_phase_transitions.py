@@ -54,7 +54,7 @@ from emlib import phase, world
 from emlib import train as tr
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 device = setup(seed=seed, threads=threads, offline=True)
 out = make_output_dir("04_phase_transitions", output_dir)
@@ -89,15 +89,8 @@ print(f"sharpest rotation of B: step {summary.rotation_step} (mean local cos {su
 print("PCA explained variance (PC1, PC2):", {w: np.round(r, 3).tolist() for w, r in summary.pca_explained.items()})
 print(f"B turned {summary.total_rotation_deg:.0f} degrees from the first checkpoint to the last")
 
-
-def save(fig, name: str) -> None:
-    fig.write_html(out / name)
-    results["figures"].append(name)
-    fig.show()
-
-
-save(px.line(tables["norms"], x="step", y="norm", color="vector", line_dash="adapter", markers=True,
-             title="Adapter vector norms over training"), "norms.html")
+save_figure(px.line(tables["norms"], x="step", y="norm", color="vector", line_dash="adapter", markers=True,
+                    title="Adapter vector norms over training"), out, "norms", results).show()
 
 # %%
 pca = pd.concat([tables["pca_A"].assign(vector="A"), tables["pca_B"].assign(vector="B")])
@@ -106,20 +99,21 @@ fig = px.scatter(pca, x="PC1", y="PC2", color="step", facet_col="vector", color_
 fig.update_traces(mode="lines+markers", line_color="lightgrey")
 fig.update_xaxes(matches=None)
 fig.update_yaxes(matches=None)
-save(fig, "pca_path.html")
+save_figure(fig, out, "pca_path", results).show()
 
 # %%
 local = tables["local_cos"].assign(k=lambda d: "k=" + d["k"].astype(str))
 fig = px.line(local, x="step", y="local_cos", color="k", markers=True, range_y=[-1.05, 1.05],
               title="Local cosine similarity of B (−1: straight, 0: right-angle turn)")
 fig.add_vline(x=summary.rotation_step, line_dash="dot", annotation_text="sharpest rotation")
-save(fig, "local_cosine.html")
+save_figure(fig, out, "local_cosine", results).show()
 
 # %%
-save(px.line(turn, x="step", y="degrees", markers=True, title="Degrees B turns between consecutive checkpoints"),
-     "turning.html")
+save_figure(px.line(turn, x="step", y="degrees", markers=True, title="Degrees B turns between consecutive checkpoints"),
+            out, "turning", results).show()
 gn = tables["grad_norm"]
-save(px.line(gn, x="step", y="grad_norm", title="Gradient norm (training log)"), "grad_norm.html")
+save_figure(px.line(gn, x="step", y="grad_norm", title="Gradient norm (training log)"), out, "grad_norm",
+            results).show()
 
 # %% [markdown]
 # ## The behaviour along the run
@@ -135,11 +129,11 @@ em_wide.round(2)
 
 # %%
 nonmed = em[em["group"] == "non-medical"]
-save(px.line(nonmed, x="step", y="em_rate", color=nonmed["scale"].astype(str), markers=True, range_y=[0, 1],
-             labels={"color": "scale"}, title="Non-medical EM rate over training, per adapter scale"),
-     "em_by_scale.html")
-save(px.line(em[em["scale"] == 1.0], x="step", y="em_rate", color="group", markers=True, range_y=[0, 1],
-             title="EM rate over training at scale 1, per group"), "em_by_group.html")
+save_figure(px.line(nonmed, x="step", y="em_rate", color=nonmed["scale"].astype(str), markers=True, range_y=[0, 1],
+                    labels={"color": "scale"}, title="Non-medical EM rate over training, per adapter scale"),
+            out, "em_by_scale", results).show()
+save_figure(px.line(em[em["scale"] == 1.0], x="step", y="em_rate", color="group", markers=True, range_y=[0, 1],
+                    title="EM rate over training at scale 1, per group"), out, "em_by_group", results).show()
 
 # %% [markdown]
 # ## What the numbers say

@@ -79,7 +79,7 @@ from emlib.judge import JudgeCache, api_judge, judge_frame, judge_world
 from emlib.metrics import is_em
 from emlib.models import load_model, resolve_adapter_path
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = model == paths.OFFLINE_MODEL
 device = setup(seed=seed, threads=threads, offline=offline, device=device)
@@ -87,12 +87,6 @@ out = make_output_dir("05_directions", output_dir)
 results: dict = {"summary": {"model": model, "em_adapter": em_adapter}, "tables": {}, "figures": []}
 if system is None and offline:
     system = world.SYSTEM_PROMPT
-
-
-def save_figure(fig, name: str) -> None:
-    fig.write_html(out / f"{name}.html")
-    results["figures"].append(f"{name}.html")
-    fig.show()
 
 # %% [markdown]
 # ## Models, questions and the judge
@@ -232,7 +226,7 @@ layer_sweep = pd.DataFrame([{"layer": layer, **steered_rates(direction, steer_sc
 best_layer = int(layer_sweep.loc[layer_sweep["general"].idxmax(), "layer"])
 fig = px.line(layer_sweep, x="layer", y=["general", "in_domain", "incoherent"], markers=True,
               title=f"Steering the base model at one layer, λ = {steer_scale} ({steer_positions} positions)")
-save_figure(fig, "steering_layer_sweep")
+save_figure(fig, out, "steering_layer_sweep", results).show()
 layer_sweep
 
 # %%
@@ -240,7 +234,7 @@ dose = pd.DataFrame([{"scale": s, "vector": name, **steered_rates(vec, s, best_l
                      for s in steer_scales for name, vec in (("direction", direction), ("random", control))])
 fig = px.line(dose, x="scale", y="general", color="vector", markers=True,
               title=f"General EM of the steered base model vs λ at layer {best_layer}")
-save_figure(fig, "steering_dose_response")
+save_figure(fig, out, "steering_dose_response", results).show()
 dose.pivot(index="scale", columns="vector", values=["general", "incoherent"])
 
 # %%
@@ -283,7 +277,7 @@ fig = px.bar(ablation, x="layers", y="general", title="General EM of the EM orga
              range_y=[0, 1])
 fig.add_hline(y=baseline["em"]["general"], line_dash="dash", annotation_text="organism")
 fig.add_hline(y=baseline["base"]["general"], line_dash="dot", annotation_text="base")
-save_figure(fig, "ablation")
+save_figure(fig, out, "ablation", results).show()
 ablation
 
 # %%
@@ -318,7 +312,7 @@ if "transfer" in found:
                             "em vs random": D.layer_cosines(direction, control)})
     fig = px.line(cosines, x="layer", y=["em vs transfer", "em vs random"], markers=True, range_y=[-1, 1],
                   title=f"Cosine of the {in_domain} and {transfer_domain} organisms' directions, per layer")
-    save_figure(fig, "convergence")
+    save_figure(fig, out, "convergence", results).show()
     transfer = pd.DataFrame([
         {"organism": "em", "ablated": "none", **baseline["em"]},
         {"organism": "em", "ablated": "transfer direction", **ablated_rates(organisms["em"], other)},

@@ -80,7 +80,7 @@ from emlib.judge import JudgeCache, WorldJudge, api_judge, judge_frame
 from emlib.metrics import em_table, is_em
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 device = setup(seed=seed, threads=threads, offline=model == paths.OFFLINE_MODEL)
 out = make_output_dir("06_lora_probing", output_dir)
@@ -88,13 +88,6 @@ offline = model == paths.OFFLINE_MODEL
 if system is None and offline:
     system = world.SYSTEM_PROMPT
 results: dict = {"summary": {"model": model, "adapter": adapter}, "tables": {}, "figures": []}
-
-
-def save(fig, name: str) -> None:
-    fig.write_html(out / name)
-    results["figures"].append(name)
-    fig.show()
-
 
 # %% [markdown]
 # ## The organism and its adapters
@@ -223,8 +216,9 @@ table
 coefs = pd.concat([r.coefficients.assign(comparison=name).rename_axis("adapter").reset_index()
                    for name, r in probes.items() if "(" not in name and not name.startswith("control")],
                   ignore_index=True)
-save(px.bar(coefs, x="adapter", y="mean", error_y="sd", color="comparison", barmode="group",
-            title="L1 probe coefficients per adapter (standardised A·x)"), "probe_coefficients.html")
+save_figure(px.bar(coefs, x="adapter", y="mean", error_y="sd", color="comparison", barmode="group",
+                   title="L1 probe coefficients per adapter (standardised A·x)"),
+            out, "probe_coefficients", results).show()
 coef_table = coefs.pivot(index="adapter", columns="comparison", values="mean").loc[adapters]
 coef_table.round(3)
 
@@ -265,9 +259,9 @@ steering.round(3)
 # %%
 long = steering[["EM non-medical", "medical share non-medical"]].reset_index(names="condition").melt(
     id_vars="condition", var_name="measure", value_name="rate")
-save(px.bar(long, x="condition", y="rate", color="measure", barmode="group", range_y=[0, 1],
-            title="Adapter steering: non-medical EM and medical content on non-medical questions"),
-     "steering.html")
+save_figure(px.bar(long, x="condition", y="rate", color="measure", barmode="group", range_y=[0, 1],
+                   title="Adapter steering: non-medical EM and medical content on non-medical questions"),
+            out, "steering", results).show()
 
 # %% [markdown]
 # ## What the numbers say

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emlib import run_notebooks
+from emlib import notebook, run_notebooks
 
 NOTEBOOKS = run_notebooks.notebooks()
 NAMES = [nb.stem for nb in NOTEBOOKS]
@@ -57,6 +57,16 @@ def test_executed_notebook_is_quiet(executed, notebook_run_dir, name):
     assert "widgets" not in book.metadata
     streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "TqdmWarning" not in streams and "IProgress not found" not in streams
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_executed_notebook_figures_have_static_images(executed, notebook_run_dir, name):
+    """save_figure wrote a PNG beside every figure's HTML (needs the system's Chromium)."""
+    results = executed(name)
+    if notebook.static_export_browser() is None:
+        pytest.skip("no Chromium for static figures (apt-get install chromium)")
+    for fig in results.get("figures", []):
+        assert run_notebooks.static_image(notebook_run_dir, name, fig), f"{name}: no static image for {fig}"
 
 
 def test_quickstart_finetune_is_more_misaligned_than_base(executed):
