@@ -51,6 +51,7 @@ output_dir = None  # where results.json and figures go (papermill passes one per
 import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown, display
+from tqdm.auto import tqdm
 
 from emlib import organism as org
 from emlib import paths, world
@@ -104,9 +105,9 @@ side.drop(columns=["question_idx", "ended"])
 
 # %%
 if offline:
-    evals = {"base": org.evaluate(base, tokenizer, n_per_group, seed=seed)}
-    if tuned is not None:
-        evals[f"base + {adapter}"] = org.evaluate(tuned, tokenizer, n_per_group, seed=seed)
+    organisms = {"base": base} | ({f"base + {adapter}": tuned} if tuned is not None else {})
+    evals = {name: org.evaluate(m, tokenizer, n_per_group, seed=seed)
+             for name, m in tqdm(organisms.items(), desc="sample and judge", unit="model")}
     em = pd.DataFrame({name: em_table(df)["em_rate"] for name, df in evals.items()}).T.round(3)
     display(em)
     long = em.reset_index(names="model").melt(id_vars="model", var_name="group", value_name="EM rate")
