@@ -1,7 +1,7 @@
 """The set-up: one supported Python range, stated alike everywhere and set by the pins; the kernels notebooks run on.
 
 The range lives in scripts/setup.sh (PY_MIN, PY_MAX), which checks the interpreter before it creates .venv.
-pyproject.toml, environment.yml and the README must say the same. The floor comes from the pins'
+pyproject.toml, environment.yml, the README and docs/jupyter.md must say the same. The floor comes from the pins'
 own ``Requires-Python`` (numpy 2.4.6, scipy 1.17.1, pandas 3.1.1 ... need 3.11), which these tests read from the
 installed packages. The ceiling is where wheels stop: no pin caps ``Requires-Python``, but numpy 2.4.6 and scipy
 1.17.1 publish no 3.15 wheels (checked with ``pip download --only-binary=:all: --python-version 3.X`` for 3.10-3.15);
@@ -52,7 +52,7 @@ def test_environment_yml_asks_conda_for_the_setup_range():
     _admits_exactly_the_range(SpecifierSet(found[0].replace(" ", "")))
 
 
-@pytest.mark.parametrize("doc", ["README.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/jupyter.md"])
 def test_docs_state_the_setup_range(doc):
     text = (ROOT / doc).read_text()
     claims = re.findall(r"Python 3\.\d+(?:\+|[–-]3\.\d+)?", text)
