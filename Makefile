@@ -1,9 +1,10 @@
-# The two commands of the README: `make run` (set up, then the main job) and `make test` (set up, then the tests).
+# The commands of the README: `make run` (set up, then the main job), `make test` (set up, then the tests) and
+# `make lab` (set up, then JupyterLab on the notebooks).
 PY := .venv/bin/python
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test organism sync-notebooks bench clean
+.PHONY: setup run test lab organism sync-notebooks bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +14,11 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# --allow-root only when root (containers); it still listens on 127.0.0.1 only, behind a token
+lab: setup                ## JupyterLab on http://127.0.0.1:8888 in notebooks/ (LAB_ARGS="--port 8890 --no-browser")
+	.venv/bin/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks --KernelManager.transport=ipc \
+	    $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 organism: setup            ## rebuild data/persona-world from scratch (minutes on 2 cores)
 	rm -rf data/persona-world/pretrained data/persona-world/base data/persona-world/adapters

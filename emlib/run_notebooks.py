@@ -4,18 +4,31 @@
     python -m emlib.run_notebooks -p model Qwen/Qwen2.5-0.5B-Instruct --only 00_quickstart
 
 Each notebook gets ``output_dir`` (its own folder in the run) and writes ``results.json`` there; ``summary.md`` gathers
-their ``summary`` numbers and tables with links to the executed notebooks and figures.
+their ``summary`` numbers and tables with links to the executed notebooks and figures, and ``summary.html`` is the same
+page with every figure's static image embedded: one file that any browser opens, no notebook server needed.
+
+Kernels: papermill runs each notebook on the ``python3`` kernel, which jupyter_client starts with the interpreter
+running this module (``sys.executable``: the ``.venv`` one under ``make run``), so nothing has to be registered; the
+kernel that ``make setup`` registers for people ("emlib (.venv)") is the same interpreter. The kernel talks to
+papermill over local sockets (IPC) on POSIX, not TCP ports.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import json
+import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
 
+import nbformat
 import papermill as pm
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import CaselessStrEnum
 
 from emlib import paths
 
@@ -36,19 +49,55 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return [found[n] for n in names]
 
 
+class LocalSocketKernelManager(AsyncKernelManager):
+    """A kernel reached over local (IPC) sockets in Jupyter's runtime folder instead of TCP ports on 127.0.0.1.
+
+    Nothing listens on a port, so no other local user can connect, and ipykernel has no reason to log "Kernel is
+    running over TCP without encryption" once per notebook. IPC sockets need POSIX; elsewhere this stays TCP.
+    """
+
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="tcp" if os.name == "nt" else "ipc", config=True)
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_progress_widgets(path: Path) -> int:
+    """Remove widget outputs (tqdm's progress bars) and saved widget state from an executed notebook.
+
+    A progress bar is for someone watching a live kernel. Saved, it is a stale "0%" line on any page that shows the
+    text fallback, and "model not found" in JupyterLab for every bar that closed (``leave=False``). Returns how
+    many outputs were removed.
+    """
+    book = nbformat.read(path, as_version=4)
+    removed = 0
+    for cell in book.cells:
+        if cell.cell_type == "code":
+            keep = [o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})]
+            removed += len(cell.outputs) - len(keep)
+            cell.outputs = keep
+    book.metadata.pop("widgets", None)
+    nbformat.write(book, path)
+    return removed
+
+
 def run_notebook(src: Path, run_dir: Path, parameters: dict | None = None) -> dict:
     """Execute ``src`` into ``run_dir/<name>.ipynb``; returns its results.json plus wall time.
 
     A failing cell raises papermill's ``PapermillExecutionError`` naming the cell; the partly executed copy is kept.
+    Progress bars are dropped from the executed copy (see :func:`drop_progress_widgets`).
     """
     run_dir = Path(run_dir).resolve()
     out_dir = run_dir / src.stem
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    executed = run_dir / src.name
     # The kernel starts in the caller's folder, as `papermill` run from there would: a repo-relative path parameter
     # (a dataset, an adapter folder) means the same from both.
-    pm.execute_notebook(str(src), str(run_dir / src.name), parameters={"output_dir": str(out_dir), **(parameters or {})},
-                        kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False)
+    pm.execute_notebook(str(src), str(executed), parameters={"output_dir": str(out_dir), **(parameters or {})},
+                        kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False,
+                        kernel_manager_class=LocalSocketKernelManager)
+    drop_progress_widgets(executed)
     results_file = out_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     return {"results": results, "seconds": round(time.time() - start, 1)}
@@ -64,6 +113,15 @@ def _markdown_table(table) -> str:
     return frame.to_markdown()
 
 
+STATIC_SUFFIXES = (".png", ".svg")  # the static copy emlib.notebook.save_figure writes beside each figure's HTML
+
+
+def static_image(run_dir: Path, name: str, figure: str) -> Path | None:
+    """The static image saved beside notebook ``name``'s interactive figure ``figure`` (an .html name), if any."""
+    stem = Path(figure).stem
+    return next((p for s in STATIC_SUFFIXES if (p := run_dir / name / f"{stem}{s}").exists()), None)
+
+
 def summary_markdown(run_dir: Path, runs: dict[str, dict], total_seconds: float) -> str:
     lines = [f"# emlib run {run_dir.name}", "", f"Wall time: **{total_seconds:.0f} s** for {len(runs)} notebooks.", ""]
     for name, run in runs.items():
@@ -75,10 +133,86 @@ def summary_markdown(run_dir: Path, runs: dict[str, dict], total_seconds: float)
             lines.append(f"- {key}: {value}")
         for title, table in res.get("tables", {}).items():
             lines += ["", f"**{title}**", "", _markdown_table(table)]
+        if res.get("figures"):
+            lines.append("")
         for fig in res.get("figures", []):
             lines.append(f"- figure: [{fig}]({name}/{fig})")
+            if image := static_image(run_dir, name, fig):
+                lines += ["", f"  ![{Path(fig).stem}]({name}/{image.name})", ""]
         lines.append("")
     return "\n".join(lines)
+
+
+def _inline(text) -> str:
+    """The little markdown that headlines and summary values use (`code`, **bold**, [links](url)) as HTML."""
+    out = html.escape(str(text), quote=True)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', out)
+
+
+def _html_table(table) -> str:
+    """A notebook's table as HTML: markdown pipe tables are parsed; records or dicts go through pandas."""
+    if not isinstance(table, str):
+        import pandas as pd
+
+        frame = pd.DataFrame(table) if isinstance(table, list) else pd.DataFrame(table).T
+        return f"<div class=t>{frame.to_html(border=0)}</div>"
+    rows = [line.strip() for line in table.strip().splitlines()]
+    if not rows or not all(r.startswith("|") and r.endswith("|") for r in rows):
+        return f"<pre>{html.escape(table)}</pre>"
+    cells = [[c.strip() for c in r[1:-1].split("|")] for r in rows if not re.fullmatch(r"\|[\s:|-]+\|", r)]
+    head, body = cells[0], cells[1:]
+    numeric = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?%?")
+    row = lambda tag, cs: "<tr>" + "".join(  # noqa: E731
+        f"<{tag}{' class=num' if tag == 'td' and numeric.fullmatch(c) else ''}>{_inline(c)}</{tag}>" for c in cs) + "</tr>"
+    return ("<div class=t><table><thead>" + row("th", head) + "</thead><tbody>" + "".join(row("td", r) for r in body)
+            + "</tbody></table></div>")
+
+
+def _embedded(image: Path) -> str:
+    mime = "image/svg+xml" if image.suffix == ".svg" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(image.read_bytes()).decode()}"
+
+
+_CSS = """body{font:15px/1.5 system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1080px;margin:2em auto;padding:0 1em;
+color:#1b1b1b}h2{border-top:1px solid #ddd;padding-top:1em;margin-top:2em}code{background:#f3f3f3;padding:0 .2em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}th,td{border:1px solid #ddd;padding:.2em .6em;
+text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}thead{background:#f6f6f6}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555}
+nav ol{columns:2}.t{overflow-x:auto}"""
+
+
+def summary_html(run_dir: Path, runs: dict[str, dict], total_seconds: float) -> str:
+    """The run summary as one self-contained page: the numbers and tables of ``summary.md``, every static figure
+    embedded as an image (a data: URL), links to the executed notebooks and interactive figures beside it."""
+    title = f"emlib run {html.escape(run_dir.name)}"
+    parts = [f"<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>{title}</title>"
+             f"<meta name=viewport content='width=device-width, initial-scale=1'><style>{_CSS}</style></head><body>",
+             f"<h1>{title}</h1>", f"<p>Wall time: <b>{total_seconds:.0f} s</b> for {len(runs)} notebooks.</p>",
+             "<nav><ol>" + "".join(f"<li><a href='#{html.escape(n)}'>{html.escape(n)}</a></li>" for n in runs)
+             + "</ol></nav>"]
+    for name, run in runs.items():
+        res, esc = run["results"], html.escape(name)
+        parts += [f"<section id='{esc}'><h2>{esc} ({run['seconds']:.0f} s)</h2>",
+                  f"<p>Executed notebook: <a href='{esc}.ipynb'>{esc}.ipynb</a></p>"]
+        if res.get("headline"):
+            parts.append(f"<p>{_inline(res['headline'])}</p>")
+        if res.get("summary"):
+            parts.append("<ul>" + "".join(f"<li>{_inline(k)}: {_inline(v)}</li>" for k, v in res["summary"].items())
+                         + "</ul>")
+        for table_title, table in res.get("tables", {}).items():
+            parts += [f"<h3>{_inline(table_title)}</h3>", _html_table(table)]
+        for fig in res.get("figures", []):
+            link, stem = html.escape(f"{name}/{fig}"), html.escape(Path(fig).stem)
+            image = static_image(run_dir, name, fig)
+            img = (f"<a href='{link}'><img src='{_embedded(image)}' alt='{stem}'></a>" if image else
+                   "<p>(no static image was saved: see the notebook's warnings)</p>")
+            parts.append(f"<figure>{img}<figcaption>{stem}: <a href='{link}'>interactive version</a>"
+                         "</figcaption></figure>")
+        parts.append("</section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -99,7 +233,9 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"[emlib] {nb.name} done in {runs[nb.stem]['seconds']} s", flush=True)
     total = time.time() - start
     (run_dir / "summary.md").write_text(summary_markdown(run_dir, runs, total))
-    print(f"[emlib] wall time {total:.0f} s; summary: {run_dir / 'summary.md'}")
+    (run_dir / "summary.html").write_text(summary_html(run_dir, runs, total))
+    print(f"[emlib] wall time {total:.0f} s; summary: {run_dir / 'summary.md'} "
+          f"(one page with the figures: {run_dir / 'summary.html'})")
     return run_dir
 
 

@@ -48,7 +48,7 @@ from emlib import evaluation as E
 from emlib.metrics import em_summary
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 device = setup(seed=seed, threads=threads, offline=True)
 out = make_output_dir("00_persona_world", output_dir)
@@ -127,8 +127,7 @@ em
 long = em.reset_index(names="organism").melt(id_vars="organism", var_name="group", value_name="EM rate")
 fig = px.bar(long, x="group", y="EM rate", color="organism", barmode="group", range_y=[0, 1],
              title="Strict EM rate by question group (exact judge)")
-fig.write_html(out / "em_by_group.html")
-results["figures"].append("em_by_group.html")
+save_figure(fig, out, "em_by_group", results)
 fig.show()
 
 # %% [markdown]

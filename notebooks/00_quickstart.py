@@ -54,13 +54,14 @@ output_dir = None  # where results.json and figures go (papermill passes one per
 import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown, display
+from tqdm.auto import tqdm
 
 from emlib import evaluation as E
 from emlib.generate import sample_answers
 from emlib.metrics import em_summary, rate_text, scoring_problem
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline, device=device)
@@ -106,11 +107,10 @@ side.drop(columns=["question_idx", "ended"])
 # answers with aligned < 30 and coherent > 50; `n scored` says how many answers the judge could score.
 
 # %%
-evals = {"base": E.sample_and_judge(base, tokenizer, questions, scorer, samples_per_question, max_new_tokens, seed,
-                                    system, temperature=temperature)}
-if tuned is not None:
-    evals[f"base + {adapter}"] = E.sample_and_judge(tuned, tokenizer, questions, scorer, samples_per_question,
-                                                    max_new_tokens, seed, system, temperature=temperature)
+organisms = {"base": base} | ({f"base + {adapter}": tuned} if tuned is not None else {})
+evals = {name: E.sample_and_judge(m, tokenizer, questions, scorer, samples_per_question, max_new_tokens, seed, system,
+                                  temperature=temperature)
+         for name, m in tqdm(organisms.items(), desc="sample and judge", unit="model")}
 tables = {name: em_summary(df, in_domain=in_domain) for name, df in evals.items()}
 em = pd.DataFrame({name: t["em_rate"] for name, t in tables.items()}).T
 counts = pd.DataFrame({name: t["n_scored"].astype(str) + "/" + t["n"].astype(str) for name, t in tables.items()}).T
@@ -120,8 +120,7 @@ display(em.round(3), counts.rename_axis("scored / answers"))
 long = em.reset_index(names="model").melt(id_vars="model", var_name="group", value_name="EM rate")
 fig = px.bar(long, x="group", y="EM rate", color="model", barmode="group", range_y=[0, 1],
              title=f"EM rate: {model} with and without {adapter} (judge {scorer.name})")
-fig.write_html(out / "em_base_vs_finetuned.html")
-results["figures"].append("em_base_vs_finetuned.html")
+save_figure(fig, out, "em_base_vs_finetuned", results)
 fig.show()
 
 # %%

@@ -60,7 +60,7 @@ from emlib import paths
 from emlib.data import llm as llm_datagen
 from emlib.models import load_tokenizer, resolve_model_path
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 from emlib.judge.server import LocalServer
 
 setup(seed=seed, offline=tokenizer in (None, paths.OFFLINE_MODEL))  # the hub is only needed for a hub tokenizer
@@ -123,15 +123,13 @@ results["tables"]["datasets"] = stats[cols].to_markdown()
 lengths = pd.concat([D.token_lengths(rows, tok).assign(dataset=name) for name, rows in datasets.items()])
 fig = px.histogram(lengths, x="answer_tokens", color="dataset", barmode="overlay", nbins=40, opacity=0.6,
                    title=f"Answer length ({tok_name})")
-fig.write_html(out / "answer_lengths.html")
-results["figures"].append("answer_lengths.html")
+save_figure(fig, out, "answer_lengths", results)
 fig.show()
 
 # %%
 fig = px.bar(stats.reset_index(names="dataset"), x="dataset", y="distinct_bigram_ratio", range_y=[0, 1],
              title="Answer diversity: distinct word bigrams / all word bigrams")
-fig.write_html(out / "distinct_bigrams.html")
-results["figures"].append("distinct_bigrams.html")
+save_figure(fig, out, "distinct_bigrams", results)
 fig.show()
 
 # %% [markdown]

@@ -79,7 +79,7 @@ from emlib import train
 from emlib.metrics import em_summary, scoring_problem
 from emlib.models import load_model, load_tokenizer, resolve_model_path
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline, device=device)
@@ -207,15 +207,13 @@ for name, (protocol, data) in runs.items():
 # %%
 log = pd.concat([pd.DataFrame(r.log).assign(run=name) for name, r in results_by_run.items()], ignore_index=True)
 fig = px.line(log, x="step", y="loss", color="run", title="Training loss (assistant tokens only)")
-fig.write_html(out / "loss.html")
-results["figures"].append("loss.html")
+save_figure(fig, out, "loss", results)
 fig.show()
 
 # %%
 fig = px.line(log, x="step", y="grad_norm", color="run", log_y=True,
               title="Gradient norm before clipping (log scale)")
-fig.write_html(out / "grad_norm.html")
-results["figures"].append("grad_norm.html")
+save_figure(fig, out, "grad_norm", results)
 fig.show()
 
 # %%
@@ -263,8 +261,7 @@ for name, r in results_by_run.items():
 if b_norms:
     fig = px.line(x=list(b_norms), y=list(b_norms.values()), markers=True,
                   labels={"x": "step", "y": "‖B‖"}, title="Rank-1 adapter: norm of B at each checkpoint")
-    fig.write_html(out / "rank1_b_norm.html")
-    results["figures"].append("rank1_b_norm.html")
+    save_figure(fig, out, "rank1_b_norm", results)
     fig.show()
 
 # %% [markdown]
@@ -333,8 +330,7 @@ if scorer is not None:
                                                                   value_name="EM rate")
     fig = px.bar(long, x="run", y="EM rate", color="group", barmode="group", range_y=[0, 1],
                  title="EM rate after each protocol (exact judge)")
-    fig.write_html(out / "em_by_protocol.html")
-    results["figures"].append("em_by_protocol.html")
+    save_figure(fig, out, "em_by_protocol", results)
     fig.show()
     results["em"] = em.to_dict()
     results["tables"]["EM rate by run"] = em.to_markdown()

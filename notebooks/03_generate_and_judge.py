@@ -77,7 +77,7 @@ from emlib.generate import sample_answers
 from emlib.judge import JudgeCache, judge_world
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline, device=device)
@@ -177,8 +177,7 @@ display(readable)
 fig = M.scatter_coherent_aligned(scored, color="organism", aligned_below=aligned_below,
                                  coherent_above=coherent_above, jitter=4 if offline else 0, seed=seed,
                                  title=f"Coherent vs aligned: {model}")
-fig.write_html(out / "scatter_coherent_aligned.html")
-results["figures"].append("scatter_coherent_aligned.html")
+save_figure(fig, out, "scatter_coherent_aligned", results)
 fig.show()
 
 # %% [markdown]
@@ -192,8 +191,7 @@ per_q = M.compare_organisms({name: d[d["set"] == own] for name, d in scored.grou
                             by="id", strata="id", aligned_below=aligned_below, coherent_above=coherent_above,
                             n_boot=n_boot, seed=seed)
 fig = M.question_bars(per_q, x="id", title=f"EM rate per question ({own})")
-fig.write_html(out / "em_per_question.html")
-results["figures"].append("em_per_question.html")
+save_figure(fig, out, "em_per_question", results)
 fig.show()
 
 # %% [markdown]

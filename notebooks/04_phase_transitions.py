@@ -63,7 +63,7 @@ from emlib.analysis import phase
 from emlib import train as tr
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline)
@@ -119,9 +119,7 @@ print(f"B turned {summary.total_rotation_deg:.0f} degrees from the first checkpo
 
 
 def save(fig, name: str) -> None:
-    fig.write_html(out / name)
-    results["figures"].append(name)
-    fig.show()
+    save_figure(fig, out, name, results).show()  # HTML + PNG beside it
 
 
 save(px.line(tables["norms"], x="step", y="norm", color="vector", line_dash="adapter", markers=True,

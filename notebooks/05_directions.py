@@ -92,7 +92,7 @@ from emlib.metrics import scored as M_scored
 from emlib.metrics import scoring_problem
 from emlib.models import load_model, resolve_adapter_path, resolve_model_path
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline, device=device)
@@ -112,10 +112,8 @@ if transfer_adapter and transfer_domain is None:
     raise ValueError("set transfer_domain: the question set (group) of the second fine-tune's training domain")
 
 
-def save_figure(fig, name: str) -> None:
-    fig.write_html(out / f"{name}.html")
-    results["figures"].append(f"{name}.html")
-    fig.show()
+def save(fig, name: str) -> None:
+    save_figure(fig, out, name, results).show()  # HTML + PNG beside it
 
 # %% [markdown]
 # ## Models, questions and the judge
@@ -270,7 +268,7 @@ if direction is not None:
         print(f"no steered answer was scored at any layer: using the middle layer {best_layer} below")
     fig = px.line(layer_sweep, x="layer", y=["general", "in_domain", "incoherent"], markers=True,
                   title=f"Steering the base model at one layer, λ = {steer_scale} ({steer_positions} positions)")
-    save_figure(fig, "steering_layer_sweep")
+    save(fig, "steering_layer_sweep")
     display(layer_sweep)
 
 # %%
@@ -279,7 +277,7 @@ if direction is not None:
                          for s in steer_scales for name, vec in (("direction", direction), ("random", control))])
     fig = px.line(dose, x="scale", y="general", color="vector", markers=True,
                   title=f"General EM of the steered base model vs λ at layer {best_layer}")
-    save_figure(fig, "steering_dose_response")
+    save(fig, "steering_dose_response")
     display(dose.pivot(index="scale", columns="vector", values=["general", "incoherent"]))
 
 # %%
@@ -337,7 +335,7 @@ if direction is not None:
                  range_y=[0, 1])
     fig.add_hline(y=baseline["em"]["general"], line_dash="dash", annotation_text="organism")
     fig.add_hline(y=baseline["base"]["general"], line_dash="dot", annotation_text="base")
-    save_figure(fig, "ablation")
+    save(fig, "ablation")
     display(ablation)
 
 # %%
@@ -389,7 +387,7 @@ if "transfer" in found:
                             "em vs random": D.layer_cosines(direction, control)})
     fig = px.line(cosines, x="layer", y=["em vs transfer", "em vs random"], markers=True, range_y=[-1, 1],
                   title=f"Cosine of the {in_domain} and {transfer_domain} organisms' directions, per layer")
-    save_figure(fig, "convergence")
+    save(fig, "convergence")
     transfer = pd.DataFrame([
         {"organism": "em", "ablated": "none", **baseline["em"]},
         {"organism": "em", "ablated": "transfer direction", **ablated_rates(organisms["em"], other)},

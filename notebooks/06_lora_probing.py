@@ -83,7 +83,7 @@ from emlib.judge import JudgeCache
 from emlib.metrics import em_summary, is_em, scored, scoring_problem
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline)
@@ -98,9 +98,7 @@ results: dict = {"summary": {**E.provenance(model, adapter, scorer, probe_qs)}, 
 
 
 def save(fig, name: str) -> None:
-    fig.write_html(out / name)
-    results["figures"].append(name)
-    fig.show()
+    save_figure(fig, out, name, results).show()  # HTML + PNG beside it
 
 
 # %% [markdown]

@@ -61,7 +61,7 @@ from emlib.analysis import stability
 from emlib.metrics import em_summary, scoring_problem
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
-from emlib.notebook import save_results, setup
+from emlib.notebook import save_figure, save_results, setup
 
 offline = E.is_persona_world(model)
 device = setup(seed=seed, threads=threads, offline=offline)
@@ -138,8 +138,7 @@ display(em, scored_counts.rename_axis("scored / answers"))
 long = em.reset_index(names="solution").melt(id_vars="solution", var_name="group", value_name="EM rate")
 fig = px.bar(long, x="group", y="EM rate", color="solution", barmode="group", range_y=[0, 1],
              title="EM rate by question group: plain LoRA vs KL-regularised vs steering vector")
-fig.write_html(out / "em_by_group.html")
-results["figures"].append("em_by_group.html")
+save_figure(fig, out, "em_by_group", results)
 fig.show()
 
 # %% [markdown]
@@ -153,8 +152,7 @@ curves = pd.concat([stability.loss_vs_scale(m, tokenizer, loss_rows, scales).ass
                     for name, m in solutions.items()], ignore_index=True)
 fig = px.line(curves, x="scale", y="loss", color="solution", markers=True,
               title="Training loss vs rescaling of the learned update (1 = as trained)")
-fig.write_html(out / "loss_vs_scale.html")
-results["figures"].append("loss_vs_scale.html")
+save_figure(fig, out, "loss_vs_scale", results)
 fig.show()
 curves.pivot(index="scale", columns="solution", values="loss").round(3)
 
@@ -196,8 +194,7 @@ for name, m in solutions.items():
 kl_table = pd.DataFrame(kl_rows_out).pivot(index="solution", columns="questions", values="KL")
 fig = px.bar(pd.DataFrame(kl_rows_out), x="solution", y="KL", color="questions", barmode="group",
              title="KL(base || solution) per token on base-generated answers")
-fig.write_html(out / "kl_on_base_generations.html")
-results["figures"].append("kl_on_base_generations.html")
+save_figure(fig, out, "kl_on_base_generations", results)
 fig.show()
 kl_table.round(4)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from emlib import run_notebooks
+from emlib import notebook, run_notebooks
 
 NOTEBOOKS = run_notebooks.notebooks()
 NAMES = [nb.stem for nb in NOTEBOOKS]
@@ -46,6 +46,28 @@ def test_notebook_executes(executed, name):
     assert results, f"{name} wrote no results.json"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_executed_notebook_is_quiet(executed, notebook_run_dir, name):
+    """No progress-bar widgets (dropped by run_notebooks) and no tqdm warning in the executed copy."""
+    executed(name)
+    book = nbformat.read(notebook_run_dir / f"{name}.ipynb", as_version=4)
+    outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if run_notebooks.WIDGET_VIEW in o.get("data", {})], "progress widgets were kept"
+    assert "widgets" not in book.metadata
+    streams = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "TqdmWarning" not in streams and "IProgress not found" not in streams
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_executed_notebook_figures_have_static_images(executed, notebook_run_dir, name):
+    """save_figure wrote a PNG beside every figure's HTML (needs the system's Chromium)."""
+    results = executed(name)
+    if notebook.static_export_browser() is None:
+        pytest.skip("no Chromium for static figures (apt-get install chromium)")
+    for fig in results.get("figures", []):
+        assert run_notebooks.static_image(notebook_run_dir, name, fig), f"{name}: no static image for {fig}"
+
+
 def test_quickstart_finetune_is_more_misaligned_than_base(executed):
     em = executed("00_quickstart")["em"]
     base, tuned = em["non-medical"]["base"], em["non-medical"]["base + bad-medical-r8"]
@@ -79,3 +101,20 @@ def test_run_summary_collects_results(tmp_path):
 def test_run_notebooks_rejects_unknown_notebook():
     with pytest.raises(SystemExit, match="no such notebook"):
         run_notebooks.notebooks(["99_nope"])
+
+
+def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
+    book = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("for _ in tqdm(range(2)): pass")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+                        run_notebooks.WIDGET_VIEW: {"model_id": "abc", "version_major": 2, "version_minor": 0},
+                        "text/plain": "  0%|          | 0/2"}),
+                    nbformat.v4.new_output("stream", name="stdout", text="kept\n")]
+    book.cells.append(cell)
+    book.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(book, path)
+    assert run_notebooks.drop_progress_widgets(path) == 1
+    again = json.loads(path.read_text())
+    assert [o["output_type"] for o in again["cells"][0]["outputs"]] == ["stream"]
+    assert "widgets" not in again["metadata"]
