@@ -425,7 +425,9 @@ class _Store:
                                      "choose another out_path, or pass on_mismatch='restart'")
                 warnings.warn(f"{self.path}: settings changed {diff}; sampling again from scratch", stacklevel=3)
                 self.path.unlink()
-        self.meta.write_text(json.dumps(settings, indent=1))
+        tmp = self.meta.with_name(self.meta.name + ".tmp")  # atomically: a half-written meta file would block resume
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, self.meta)
         self._drop_torn_tail()
 
     def _drop_torn_tail(self) -> None:
@@ -454,7 +456,11 @@ class _Store:
 
     def append(self, rows: list[dict]) -> None:
         if self.path.suffix == ".parquet":
-            pd.concat([self.read(), pd.DataFrame(rows, columns=COLUMNS)]).to_parquet(self.path, index=False)
+            # parquet cannot be appended to: write the whole table beside it, then swap it in atomically, so a run
+            # killed mid-write keeps the previous complete file
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            pd.concat([self.read(), pd.DataFrame(rows, columns=COLUMNS)]).to_parquet(tmp, index=False)
+            os.replace(tmp, self.path)
             return
         with open(self.path, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))

@@ -247,4 +247,6 @@ def _parse(value: str):
 
 
 if __name__ == "__main__":
-    main()
+    from emlib.cli import run_cli
+
+    run_cli(main, "python -m emlib.run_notebooks")

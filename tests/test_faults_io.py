@@ -195,3 +195,40 @@ def test_sampling_killed_with_sigkill_resumes_with_nothing_lost_or_duplicated(tm
     key = ["question_idx", "sample"]
     assert a.sort_values(key).reset_index(drop=True)[key + ["answer"]].equals(
         b.sort_values(key).reset_index(drop=True)[key + ["answer"]])
+
+
+def test_the_parquet_answer_store_is_replaced_atomically(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from emlib.generate import COLUMNS, _Store
+
+    store = _Store(tmp_path / "answers.parquet", {"model": "m"})
+    row = dict(zip(COLUMNS, [0, "q", 0, "a", True]))
+    store.append([row])
+    before = (tmp_path / "answers.parquet").read_bytes()
+
+    def torn_write(self, path, *args, **kwargs):  # a crash halfway through writing the new table
+        open(path, "wb").write(b"PAR1 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        store.append([{**row, "sample": 1}])
+    assert (tmp_path / "answers.parquet").read_bytes() == before  # the complete earlier table survives
+    monkeypatch.undo()
+    assert len(_Store(tmp_path / "answers.parquet", {"model": "m"}).read()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["emlib.judge.serve", "--backend", "hf", "--model", "/nonexistent/judge"], "model folder /nonexistent/judge does not"),
+    (["emlib.world.organism", "adapters", "--organism", "/nonexistent"], "no built organism in /nonexistent"),
+    (["emlib.data", "check", "/nonexistent.jsonl"], "nonexistent.jsonl"),
+])
+def test_command_line_user_errors_are_one_line(args, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr

@@ -576,4 +576,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from emlib.cli import run_cli
+
+    run_cli(main, "python -m emlib.data.llm")

@@ -173,4 +173,6 @@ def _stop_soon(server: LocalServer) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from emlib.cli import run_cli
+
+    run_cli(main, "python -m emlib.judge.serve")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -73,10 +72,6 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
 
 def run(argv: list[str] | None = None) -> None:
     """:func:`main`, with a user error (bad config, missing file, unknown preset) as one line on stderr, no traceback."""
-    import yaml
+    from emlib.cli import run_cli
 
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as err:
-        print(f"python -m emlib.train: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, "python -m emlib.train", argv)

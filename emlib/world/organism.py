@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
 def save_adapter(organism_dir: Path, name: str) -> dict:
     """Train adapter run ``name`` on ``organism_dir/base``; save it to ``organism_dir/adapters/name`` with its record."""
     base = Path(organism_dir) / "base"
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"no built organism in {organism_dir} (no base/config.json): build it first with "
+                                f"`python -m emlib.world.organism build --out {organism_dir}`")
     model = Qwen2ForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     result = train_adapter(model, tokenizer, name)
@@ -233,4 +236,6 @@ def save_adapter(organism_dir: Path, name: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from emlib.cli import run_cli
+
+    run_cli(main, "python -m emlib.world.organism")
