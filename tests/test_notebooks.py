@@ -3,6 +3,7 @@
 Notebooks are executed once per session into runs/tests/ (ignored by git); a failure names the notebook and cell.
 """
 
+import json
 from pathlib import Path
 
 import nbformat
