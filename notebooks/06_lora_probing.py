@@ -56,6 +56,7 @@ C = 0.01  # inverse L1 strength of the probe (the papers' 0.01)
 n_repeats = 100  # probe fits on fresh stratified 80/20 splits
 test_size = 0.2
 split_by_answer = True  # keep each answer's tokens on one side of a split (False: per-token splits, as the papers)
+group_scales = (2.0, -1.0)  # grouped steering: the groups' factor and the negative one (papers on 14B: 30 and -10)
 papers_protocol = True  # also run the papers' protocol (per-token split, z-score and balance before it, log sig >= 0.5)
 min_answers = 10  # a comparison runs only if each class has this many answers
 significance = True  # also probe with token significance (KL gradient norm): as a feature, and as a filter
@@ -242,6 +243,20 @@ predicted = {k: pick(coef_table[c].abs()) if c in coef_table else None  # None: 
 conditions = {"base (all ×0)": ({}, 0.0), "organism (all ×1)": ({}, 1.0)}
 conditions |= {f"only {a} ×{steer_scale:g}": ({a: steer_scale}, 0.0) for a in adapters}
 conditions |= {f"without {a}": ({a: 0.0}, 1.0) for a in adapters}
+# The papers' grouped and negative steering (CLR §4.3: the "general" adapters ×20, the "medical" ones ×30, and the
+# medical ones ×30 with the general ones ×−10). Groups come from the probe, as the papers' did: an adapter goes to the
+# group whose coefficient it carries more of (|misaligned vs aligned| against |medical vs non-medical|).
+groups = {}
+if {"misaligned vs aligned", "medical vs non-medical"} <= set(coef_table):
+    general_side = coef_table["misaligned vs aligned"].abs() >= coef_table["medical vs non-medical"].abs()
+    groups = {"general": list(coef_table.index[general_side]), "medical": list(coef_table.index[~general_side])}
+    if all(groups.values()):
+        big, negative = group_scales
+        conditions |= {f"general group ×{big:g}": ({a: big for a in groups["general"]}, 0.0),
+                       f"medical group ×{big:g}": ({a: big for a in groups["medical"]}, 0.0),
+                       f"medical group ×{big:g}, general ×{negative:g}": (
+                           {**{a: big for a in groups["medical"]}, **{a: negative for a in groups["general"]}}, 0.0)}
+print("adapter groups from the probe:", groups or "none (a comparison was skipped, or one group is empty)")
 steer_qs = E.eval_questions(model, question_sets, steer_questions_per_set, eval_seed + 1)
 
 
@@ -346,6 +361,14 @@ else:
         + ("as the medical coefficient predicts." if agree["medical"] else
            f"not with the probe's medical adapter {predicted['medical']} "
            f"({only.loc[predicted['medical'], 'medical share non-medical']:.0%}).")
+        + (" Grouped as the papers steer (groups from the probe: general "
+           f"{', '.join(groups['general'])}; medical {', '.join(groups['medical'])}): the general group "
+           f"×{group_scales[0]:g} gives {steering.loc[f'general group ×{group_scales[0]:g}', 'EM non-medical']:.0%} "
+           f"non-medical EM, the medical group ×{group_scales[0]:g} "
+           f"{steering.loc[f'medical group ×{group_scales[0]:g}', 'medical share non-medical']:.0%} medical content "
+           f"on non-medical questions, and the medical group with the general one ×{group_scales[1]:g} "
+           f"{steering.loc[f'medical group ×{group_scales[0]:g}, general ×{group_scales[1]:g}', 'EM non-medical']:.0%}"
+           " non-medical EM." if groups and all(groups.values()) else "")
         + " (AUC words: near chance below 0.55, weak below 0.65, moderate below 0.8, strong from 0.8; \"about the "
         "same\": within 0.03.)"
     )
@@ -359,6 +382,7 @@ results["label_counts"] = {name: {int(k): int(v) for k, v in s.value_counts().it
                            for name, s in (("misaligned", mis), ("in_domain", med))}
 results["probes"] = {name: r.to_dict() for name, r in probes.items()}
 results["skipped_comparisons"] = skipped
+results["adapter_groups"] = groups
 results["predicted"], results["observed"], results["agree"] = predicted, observed, agree
 results["steering"] = steering.to_dict(orient="index")
 results["steer_scale"] = steer_scale
