@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -263,6 +266,15 @@ def check_base(adapter_folder: str | Path, base: nn.Module) -> None:
                          f"onto the base it was trained on")
 
 
+@contextmanager
+def quiet_peft_wrapping() -> Iterator[None]:
+    """Silence the one FutureWarning peft's wrapping triggers in transformers 5 (its own read of the deprecated
+    ``is_gradient_checkpointing``): noise in every notebook that loads an adapter, and nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _load_adapter(model: PreTrainedModel, adapter: str, allow_pickle: bool = False):
     """Wrap ``model`` with the peft adapter at ``adapter``, with clear errors for a folder that is not one, one
     trained on another base, and pickled weights."""
@@ -275,7 +287,8 @@ def _load_adapter(model: PreTrainedModel, adapter: str, allow_pickle: bool = Fal
         _check_weights_format(adapter, "adapter", allow_pickle)
         check_base(adapter, model)
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        with quiet_peft_wrapping():
+            return PeftModel.from_pretrained(model, adapter)
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise

@@ -416,12 +416,14 @@ def em_along_run(model, tokenizer, run: str | Path, steps: Sequence[int], questi
     from emlib.evaluation import sample_and_judge
     from emlib.interventions import scaled_adapter
     from emlib.metrics import em_summary
+    from emlib.models import quiet_peft_wrapping
 
     found = dict(_local_checkpoints(Path(run)))
     missing = [s for s in steps if s not in found]
     if missing:
         raise FileNotFoundError(f"no checkpoints for steps {missing} in {run}")
-    peft_model = PeftModel.from_pretrained(model, str(found[steps[0]].parent))
+    with quiet_peft_wrapping():
+        peft_model = PeftModel.from_pretrained(model, str(found[steps[0]].parent))
     peft_model.eval()
     rows = []
     for step in steps:

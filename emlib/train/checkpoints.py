@@ -19,7 +19,7 @@ from accelerate import DistributedType  # peft imports accelerate anyway: no ext
 from peft import PeftModel
 from torch import nn
 
-from emlib.models import record_base
+from emlib.models import quiet_peft_wrapping, record_base
 from emlib.train.config import TrainConfig
 from emlib.train.protocols import unwrapped
 
@@ -106,7 +106,8 @@ def load_checkpoint(model: nn.Module, folder: str | Path) -> nn.Module:
 
     folder = Path(folder)
     if (folder / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(model, str(folder))
+        with quiet_peft_wrapping():
+            return PeftModel.from_pretrained(model, str(folder))
     if (folder / CONFIG_NAME).is_file():
         return load_steering_vector(model, folder)
     if (folder / "config.json").is_file():

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from emlib.chat import IGNORE
+from emlib.models import quiet_peft_wrapping
 from emlib.train.config import KL_REDUCTIONS, TrainConfig, multi_adapter_layers
 
 
@@ -80,7 +81,8 @@ def build_trainable(model: nn.Module, config: TrainConfig) -> nn.Module:
         return model
     if config.protocol == "steering_vector":
         return SteeredModel(model, resolved_layers(config, model)[0], config.alpha)
-    return get_peft_model(model, adapter_config(config, model))
+    with quiet_peft_wrapping():
+        return get_peft_model(model, adapter_config(config, model))
 
 
 def trainable_parameters(module: nn.Module) -> int:
