@@ -14,8 +14,8 @@ seeded with ``seed`` and ``k`` only, so a resumed run reproduces the rows an uni
 generate_response_set``: HF ``generate`` with temperature and top_p given, everything else from the model's own
 ``generation_config``): top_k and repetition_penalty are the model's (HF's global defaults, top_k 50 and 1.0, where
 its file sets none; Qwen2.5-Instruct's sets 20 and 1.05). ``sampling="full"`` is emlib's earlier mode: the full
-distribution (no top-k, no repetition penalty). The persona world's generation config sets top_k 0 and
-repetition_penalty 1 (:func:`emlib.models.load_model`), so both modes sample it identically.
+distribution (no top-k, no repetition penalty). The persona world's own ``generation_config.json`` (in
+``data/persona-world/base``) sets top_k 0 and repetition_penalty 1, so both modes sample it identically.
 
 The same call samples a base model, a fine-tuned one, a peft adapter scaled by a factor (``adapter_scale``) or a model
 with a steering intervention (``steering``: ``[(layer, vector), ...]`` added to decoder-layer outputs at every

@@ -180,11 +180,6 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
         model = _load_adapter(model, adapter, allow_pickle)
     model.eval()
     _sync_generation_config(model, tokenizer)
-    if Path(path).resolve() == (paths.ORGANISM_DIR / "base").resolve():
-        # the persona world samples its full distribution (its exact judge and shipped numbers assume it), so the
-        # papers' sampling mode, which reads these (emlib.generate.sampling_settings), samples it as before
-        model.generation_config.top_k = 0
-        model.generation_config.repetition_penalty = 1.0
     return model, tokenizer
 
 
