@@ -232,3 +232,25 @@ def test_command_line_user_errors_are_one_line(args, message):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+
+
+WRITER = """
+import sys
+from emlib.judge import JudgeCache, Reply
+cache = JudgeCache(sys.argv[1])
+for i in range(300):
+    cache.put(f"{sys.argv[2]}-{i}", "judge", "aligned", Reply([(str(i % 101), -0.1)], 10, 1))
+"""
+
+
+def test_two_writers_on_one_judge_cache_lose_nothing(tmp_path):
+    from emlib.judge import JudgeCache
+
+    path = tmp_path / "cache.sqlite"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), name]) for name in ("a", "b")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    cache = JudgeCache(path)
+    keys = [f"{name}-{i}" for name in ("a", "b") for i in range(300)]
+    got = cache.get_many(keys)
+    assert len(cache) == 600 and set(got) == set(keys)
+    assert got["b-7"].alternatives == [("7", -0.1)]
