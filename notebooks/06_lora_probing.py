@@ -57,7 +57,7 @@ n_repeats = 100  # probe fits on fresh stratified 80/20 splits
 test_size = 0.2
 split_by_answer = True  # keep each answer's tokens on one side of a split (False: per-token splits, as the papers)
 group_scales = (2.0, -1.0)  # grouped steering: the groups' factor and the negative one (papers on 14B: 30 and -10)
-papers_protocol = True  # also run the papers' protocol (per-token split, z-score and balance before it, log sig >= 0.5)
+papers_protocol = True  # also run the papers probe protocol (per-token split, z-score and balance first, log sig at least 0.5)
 min_answers = 10  # a comparison runs only if each class has this many answers
 significance = True  # also probe with token significance (KL gradient norm): as a feature, and as a filter
 significance_quantile = 0.5  # the filter keeps tokens at or above this quantile of significance

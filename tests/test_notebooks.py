@@ -119,3 +119,14 @@ def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
     again = json.loads(path.read_text())
     assert [o["output_type"] for o in again["cells"][0]["outputs"]] == ["stream"]
     assert "widgets" not in again["metadata"]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=NAMES)
+def test_papermill_reads_every_parameter(nb: Path, caplog):
+    """`papermill --help-notebook` and `-p` type inference parse the parameters cell line by line: a quote in a
+    comment breaks that parse (papermill then warns and skips the line)."""
+    import papermill as pm
+
+    params = pm.inspect_notebook(str(nb))
+    assert "Unable to parse" not in caplog.text, caplog.text
+    assert "output_dir" in params and ("model" in params or nb.stem == "00_persona_world")
