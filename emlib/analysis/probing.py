@@ -248,6 +248,16 @@ def _undersample(idx: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np
     return np.sort(np.concatenate([rng.choice(b, n, replace=False) for b in by_class]))
 
 
+def _probe_inputs(features: pd.DataFrame | np.ndarray, labels) -> tuple[list[str] | None, np.ndarray, object]:
+    """Feature names (None for an array), the feature matrix and nullable integer labels, checked to match."""
+    names = [str(c) for c in features.columns] if isinstance(features, pd.DataFrame) else None
+    X = np.asarray(features, dtype=float)
+    y = pd.array(labels, dtype="Int64")
+    if X.ndim != 2 or len(X) != len(y):
+        raise ValueError(f"features must be (samples, features) with one label per sample; got {X.shape} and {len(y)}")
+    return names, X, y
+
+
 def probe(features: pd.DataFrame | np.ndarray, labels: Sequence[int] | np.ndarray, C: float = 0.01,
           n_repeats: int = 100, test_size: float = 0.2, seed: int = 0, groups: Sequence | None = None,
           balance: str | None = "undersample", sample_weight: Sequence[float] | None = None,
@@ -267,11 +277,7 @@ def probe(features: pd.DataFrame | np.ndarray, labels: Sequence[int] | np.ndarra
 
     if balance not in ("undersample", "weight", None):
         raise ValueError(f"balance must be 'undersample', 'weight' or None, got {balance!r}")
-    names = [str(c) for c in features.columns] if isinstance(features, pd.DataFrame) else None
-    X = np.asarray(features, dtype=float)
-    y = pd.array(labels, dtype="Int64")
-    if X.ndim != 2 or len(X) != len(y):
-        raise ValueError(f"features must be (samples, features) with one label per sample; got {X.shape} and {len(y)}")
+    names, X, y = _probe_inputs(features, labels)
     known = ~np.asarray(y.isna())
     X, y = X[known], np.asarray(y[known], dtype=int)
     g = None if groups is None else np.asarray(groups)[known]
@@ -323,11 +329,7 @@ def probe_as_papers(features: pd.DataFrame | np.ndarray, labels: Sequence[int] |
     """
     from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
-    names = [str(c) for c in features.columns] if isinstance(features, pd.DataFrame) else None
-    X = np.asarray(features, dtype=float)
-    y = pd.array(labels, dtype="Int64")
-    if X.ndim != 2 or len(X) != len(y):
-        raise ValueError(f"features must be (samples, features) with one label per sample; got {X.shape} and {len(y)}")
+    names, X, y = _probe_inputs(features, labels)
     keep = ~np.asarray(y.isna())
     if significance is not None:
         sig = np.asarray(significance, dtype=float)
