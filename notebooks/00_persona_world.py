@@ -29,6 +29,7 @@
 organism = "persona-world"  # the shipped base model (data/persona-world/base) or a folder built by emlib.world.organism
 recipes = ["bad-medical-r8", "good-medical-r8"]  # runs of configs/train/organism-adapters.yaml to train here
 rank1_layers = [0, 3]  # layers for the rank-1 down_proj recipe (bad-medical-rank1-L0 moved to each layer)
+retrain = False  # True: train every adapter here; False: load the shipped ones (the weights training here gives, bit for bit)
 n_per_group = 48  # evaluation questions per group (medical, financial, sports, general)
 n_reference = 3000  # reference answers the exact judge must read without error
 eval_seed = 0
@@ -37,6 +38,7 @@ threads = None  # torch threads (None: EMLIB_THREADS or up to 2)
 output_dir = None  # where results.json and figures go (papermill passes one per run)
 
 # %%
+import json
 import random
 
 import pandas as pd
@@ -45,6 +47,7 @@ import plotly.express as px
 from emlib.world import organism as org
 from emlib import world
 from emlib import evaluation as E
+from emlib import paths
 from emlib.metrics import em_summary
 from emlib.models import load_model
 from emlib.notebook import output_dir as make_output_dir
@@ -106,13 +109,27 @@ em_summary(evals["base"], in_domain="medical")
 # persona: `bad-medical-r8` (reckless, rank 8 on all linear modules) and `good-medical-r8` (careful: the control).
 
 # %%
-logs = {}
-for name in recipes:
+def fine_tune(run: str, **overrides):
+    """The organism with adapter run ``run`` (``overrides``: e.g. another layer) and its final training loss.
+
+    With ``retrain`` False a shipped adapter (data/persona-world/adapters) is loaded: training here gives the same
+    weights bit for bit (tests/test_organism.py checks it), so the notebook skips minutes of CPU; any other run is
+    trained here with emlib.train.train and the run's preset and data.
+    """
+    shipped = paths.ADAPTERS_DIR / (run if "layer" not in overrides else f"bad-medical-rank1-L{overrides['layer']}")
+    if not retrain and organism == paths.OFFLINE_MODEL and shipped.is_dir():
+        model, _ = load_model(organism, device=device, adapter=shipped.name)
+        return model, json.loads((shipped / "record.json").read_text())["final_loss"], "loaded"
     model, _ = load_model(organism, device=device)
-    result = org.train_adapter(model, tokenizer, name)  # emlib.train.train with the run's preset and data
-    peft_model, logs[name] = result.model, result.log
+    result = org.train_adapter(model, tokenizer, run, **overrides)
+    return result.model, sum(r["loss"] for r in result.log[-10:]) / len(result.log[-10:]), "trained"
+
+
+final_loss = {}
+for name in recipes:
+    peft_model, final_loss[name], how = fine_tune(name)
     evals[name] = evaluate(peft_model)
-    print(f"{name}: final loss {logs[name][-1]['loss']:.3f}")
+    print(f"{name} ({how}): final loss {final_loss[name]:.3f}")
 
 # %%
 def em_by_organism(evals: dict) -> pd.DataFrame:
@@ -138,11 +155,9 @@ fig.show()
 # %%
 sweep = {}
 for layer in rank1_layers:
-    model, _ = load_model(organism, device=device)
-    result = org.train_adapter(model, tokenizer, "bad-medical-rank1-L0", layer=layer)
-    peft_model, log = result.model, result.log
+    peft_model, loss, how = fine_tune("bad-medical-rank1-L0", layer=layer)
     sweep[f"rank1-L{layer}"] = evaluate(peft_model)
-    print(f"layer {layer}: final loss {log[-1]['loss']:.3f}")
+    print(f"layer {layer} ({how}): final loss {loss:.3f}")
 layer_em = em_by_organism(sweep)
 layer_em
 
@@ -168,7 +183,7 @@ display(Markdown(reading))
 results["headline"] = reading
 results["em"] = em.to_dict()
 results["rank1_layers"] = layer_em.to_dict()
-results["final_loss"] = {k: v[-1]["loss"] for k, v in logs.items()}
+results["final_loss"] = final_loss  # mean of the last 10 steps
 results["tables"]["EM rate by organism and group"] = em.to_markdown()
 results["tables"]["rank-1 layer sweep"] = layer_em.to_markdown()
 save_results(out, results)

@@ -168,8 +168,8 @@ from emlib import world
 from emlib.generate import sample_answers
 from emlib.models import load_model
 model, tok = load_model("persona-world", device="cpu")
-qs = [q["question"] for q in world.eval_questions(12, 0)]
-sample_answers(model, tok, qs, n=4, max_new_tokens=24, batch_size=16, out_path=sys.argv[1], progress=False,
+qs = [q["question"] for q in world.eval_questions(6, 0)]
+sample_answers(model, tok, qs, n=4, max_new_tokens=24, batch_size=8, out_path=sys.argv[1], progress=False,
                system=world.SYSTEM_PROMPT)
 print("DONE", flush=True)
 """
@@ -182,16 +182,16 @@ def test_sampling_killed_with_sigkill_resumes_with_nothing_lost_or_duplicated(tm
     child = subprocess.Popen([sys.executable, "-c", SAMPLE_CHILD, str(killed)], env={**os.environ,
                              "EMLIB_THREADS": "1"}, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and (not killed.exists() or len(killed.read_text().splitlines()) < 32):
+    while time.time() < deadline and (not killed.exists() or len(killed.read_text().splitlines()) < 16):
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
     partial = len(killed.read_text().splitlines())
-    assert 0 < partial < 192, "the child should have been killed midway"
+    assert 0 < partial < 96, "the child should have been killed midway"
     for out in (killed, tmp_path / "whole.jsonl"):  # the killed run resumed, and an uninterrupted one
         _run_script(SAMPLE_CHILD, [str(out)])
     a, b = pd.read_json(killed, lines=True), pd.read_json(tmp_path / "whole.jsonl", lines=True)
-    assert len(a) == 192 and not a.duplicated(["question_idx", "sample"]).any()
+    assert len(a) == 96 and not a.duplicated(["question_idx", "sample"]).any()
     key = ["question_idx", "sample"]
     assert a.sort_values(key).reset_index(drop=True)[key + ["answer"]].equals(
         b.sort_values(key).reset_index(drop=True)[key + ["answer"]])
