@@ -28,12 +28,11 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
-from emlib import paths, world
-from emlib.data import load_questions
+from emlib import world
+from emlib.data import available_question_sets, load_questions
 from emlib.generate import sample_answers
 from emlib.judge import (
     Judge,
@@ -46,6 +45,7 @@ from emlib.judge import (
     judge_frame,
     judge_world,
 )
+from emlib.models import is_persona_world  # also this module's API: notebooks call E.is_persona_world
 
 WORLD_SETS = ("persona-world", "persona-world-first-plot", "persona-world-domains")
 DEFAULT_OPENAI_JUDGE = "gpt-4o-2024-08-06"  # the papers' judge
@@ -55,16 +55,6 @@ QUESTION_COLUMNS = ["set", "group", "id", "domain", "question", "max_new_tokens"
 
 class EvaluationSpecError(ValueError):
     """A question-set or judge spec that does not fit the model (raised before any compute)."""
-
-
-def is_persona_world(model: str) -> bool:
-    """Whether ``model`` names the offline organism (its name or its shipped base folder)."""
-    if model == paths.OFFLINE_MODEL:
-        return True
-    try:
-        return Path(model).resolve() == (paths.ORGANISM_DIR / "base").resolve()
-    except (OSError, ValueError):
-        return False
 
 
 def system_prompt(model: str, system: str | None = None) -> str | None:
@@ -99,17 +89,11 @@ def eval_questions(model: str, question_sets: Sequence[str] | str | None = None,
     if toy and not is_persona_world(model):
         raise EvaluationSpecError(
             f"question set(s) {toy} are the persona world's toy language, but model {model!r} is not the persona "
-            f"world: use YAML question sets (shipped: {', '.join(_shipped_sets())}, or a path)")
+            f"world: use YAML question sets (shipped: {', '.join(available_question_sets())}, or a path)")
     rng = random.Random(seed)  # the stream the persona-world stand-in sets draw from
     frames = [_world_set(name, questions_per_set, seed, rng) if name in WORLD_SETS else
               _yaml_set(name, questions_per_set) for name in names]
     return pd.concat(frames, ignore_index=True)[QUESTION_COLUMNS]
-
-
-def _shipped_sets() -> list[str]:
-    from emlib.data import available_question_sets
-
-    return available_question_sets()
 
 
 def _world_set(name: str, per_group: int | None, seed: int, rng: random.Random) -> pd.DataFrame:

@@ -218,17 +218,24 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def is_persona_world(model: str) -> bool:
+    """Whether ``model`` names the offline organism (its name or its shipped base folder)."""
+    if model == paths.OFFLINE_MODEL:
+        return True
+    try:
+        return Path(model).resolve() == (paths.ORGANISM_DIR / "base").resolve()
+    except (OSError, ValueError):
+        return False
+
+
 def portable_name(name_or_path: str) -> str:
     """What an adapter records as its base: ``persona-world`` for the organism, a hub id as is, a local folder by its
     name only (a machine path would mean nothing on another machine)."""
     if not name_or_path:
         return ""
-    path = Path(name_or_path)
-    if path.is_dir():
-        if path.resolve() == (paths.ORGANISM_DIR / "base").resolve():
-            return paths.OFFLINE_MODEL
-        return path.name
-    return name_or_path
+    if is_persona_world(name_or_path):
+        return paths.OFFLINE_MODEL
+    return Path(name_or_path).name if Path(name_or_path).is_dir() else name_or_path
 
 
 def record_base(adapter_folder: str | Path, base: nn.Module, name: str | None = None) -> None:

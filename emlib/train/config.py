@@ -242,9 +242,7 @@ def config_from_spec(spec: dict) -> tuple[TrainConfig, dict]:
     """Split a YAML spec into a TrainConfig (its ``preset``, then its fields) and the run keys (model, data, ...)."""
     spec = dict(spec)
     run = {k: spec.pop(k, None) for k in RUN_KEYS}
-    if run["preset"] and run["preset"] not in PRESETS:
-        raise ValueError(f"unknown preset {run['preset']!r}; presets: {', '.join(PRESETS)}")
-    base = PRESETS[run["preset"]] if run["preset"] else TrainConfig()
+    base = preset(run["preset"]) if run["preset"] else TrainConfig()
     return TrainConfig.from_dict({**base.to_dict(), **spec}), run
 
 

@@ -229,8 +229,7 @@ def save_adapter(organism_dir: Path, name: str) -> dict:
     result = train_adapter(model, tokenizer, name)
     folder = Path(organism_dir) / "adapters" / name
     result.model.save_pretrained(folder)
-    record_base(folder, result.model, paths.OFFLINE_MODEL if base.resolve() == paths.ORGANISM_DIR.resolve() / "base"
-                else base.name)
+    record_base(folder, result.model, str(base))  # recorded portably: "persona-world" for the shipped organism
     run = ADAPTER_RUNS[name]
     record = {"preset": run.preset, "data": run.data, "config": run.config.to_dict(),
               "final_loss": _tail_mean(result.log), "seconds": round(result.seconds, 1)}
