@@ -324,11 +324,11 @@ if direction is not None:
         {"layers": f"all, layer {single_layer}'s vector", **ablated_rates(organisms["em"], single)}])],
         ignore_index=True)
     other_how = toy_procedure if procedure == paper_procedure else paper_procedure
+    other_label = "all (" + ("emlib's variant" if other_how == toy_procedure else "the papers' procedure") + ")"
     try:  # the other procedure's direction, ablated the same way: what the choice of procedure changes
         other = make_direction("em", other_how).direction
         ablation = pd.concat([ablation, pd.DataFrame([
-            {"layers": "all (" + ("emlib's variant" if other_how == toy_procedure else "the papers' procedure") + ")",
-             **ablated_rates(organisms["em"], other)}])], ignore_index=True)
+            {"layers": other_label, **ablated_rates(organisms["em"], other)}])], ignore_index=True)
     except ValueError as err:  # e.g. no coherent aligned answers under the stricter filter
         skipped["the other procedure's direction"] = str(err)
     fig = px.bar(ablation, x="layers", y="general", title="General EM of the EM organism with the direction ablated",
@@ -348,9 +348,7 @@ if direction is not None:
               "single_direction_layer": single_layer,
               "single_direction_general": float(row.loc[f"all, layer {single_layer}'s vector", "general"]),
               "other_procedure": other_how,
-              "other_procedure_general": float(row.loc[[i for i in row.index if i.startswith("all (")
-                                                         and "random" not in i][0], "general"])
-              if any(i.startswith("all (") and "random" not in i for i in row.index) else None}
+              "other_procedure_general": float(row.loc[other_label, "general"]) if other_label in row.index else None}
     cut = 1 - (ablate["ablated_general"] - ablate["base_general"]) / max(ablate["em_general"] - ablate["base_general"],
                                                                          1e-9)
     ablate["share_removed"] = round(cut, 3)
