@@ -2,6 +2,7 @@
 
     python -m emlib.run_notebooks                      # offline default, every notebook, into runs/<timestamp>/
     python -m emlib.run_notebooks -p model Qwen/Qwen2.5-0.5B-Instruct --only 00_quickstart
+    python -m emlib.run_notebooks --jobs 1             # one notebook at a time (default: 2 at once on a CPU machine)
 
 Each notebook gets ``output_dir`` (its own folder in the run) and writes ``results.json`` there; ``summary.md`` gathers
 their ``summary`` numbers and tables with links to the executed notebooks and figures, and ``summary.html`` is the same
@@ -11,17 +12,25 @@ Kernels: papermill runs each notebook on the ``python3`` kernel, which jupyter_c
 running this module (``sys.executable``: the ``.venv`` one under ``make run``), so nothing has to be registered; the
 kernel that ``make setup`` registers for people ("emlib (.venv)") is the same interpreter. The kernel talks to
 papermill over local sockets (IPC) on POSIX, not TCP ports.
+
+Jobs: on a machine without a GPU the notebooks run two at a time (``--jobs``), each kernel on its share of the cores
+(``EMLIB_THREADS``), heaviest first. A notebook's small decode and training ops gain little from a second thread, so
+two single-threaded kernels side by side finish the offline pipeline far sooner than one two-threaded kernel after
+another; with a GPU the default is one at a time, so two notebooks never compete for its memory. Each notebook writes
+only its own folder of the run, so the order they finish in changes nothing but the log.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import html
 import json
 import os
 import re
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +45,10 @@ NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
 # Reading order; a notebook not listed here runs after these, by name.
 ORDER = ["00_quickstart", "00_persona_world", "01_datasets", "02_train", "03_generate_and_judge",
          "04_phase_transitions", "05_directions", "06_lora_probing", "07_narrow_misalignment"]
+# Start order when several run at once: longest first (offline wall times of a `make run`), so the last notebook to
+# start is a short one and no core idles at the end. Not listed: started last.
+HEAVIEST_FIRST = ["05_directions", "07_narrow_misalignment", "06_lora_probing", "04_phase_transitions", "02_train",
+                  "00_persona_world", "03_generate_and_judge", "01_datasets", "00_quickstart"]
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
@@ -57,6 +70,17 @@ class LocalSocketKernelManager(AsyncKernelManager):
     """
 
     transport = CaselessStrEnum(["tcp", "ipc"], default_value="tcp" if os.name == "nt" else "ipc", config=True)
+
+    def _ip_default(self) -> str:
+        """A socket-path prefix of this kernel's own: jupyter_client's default ("kernel-ipc" in the working folder,
+        when no connection file is named yet) is shared by every kernel this process starts, so two notebooks run
+        side by side would bind each other's sockets."""
+        if self.transport != "ipc":
+            return super()._ip_default()
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        Path(jupyter_runtime_dir()).mkdir(parents=True, exist_ok=True)
+        return os.path.join(jupyter_runtime_dir(), f"emlib-{uuid.uuid4().hex[:12]}-ipc")
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -215,6 +239,48 @@ def summary_html(run_dir: Path, runs: dict[str, dict], total_seconds: float) -> 
     return "\n".join(parts)
 
 
+def default_jobs() -> int:
+    """Notebooks to run at once: up to 2 on a CPU-only machine (one core each), 1 with a GPU (one model in memory)."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
+
+
+def run_all(books: list[Path], run_dir: Path, parameters: dict, jobs: int = 1) -> dict[str, dict]:
+    """Run ``books`` into ``run_dir``, ``jobs`` at a time (heaviest first); returns their runs in ``books``' order.
+
+    Each kernel gets ``EMLIB_THREADS`` = cores / jobs unless it is set already. A failing notebook stops the run
+    with its error once the notebooks already running have finished (their executed copies are kept).
+    """
+    if jobs <= 1:
+        return {nb.stem: _run_logged(nb, run_dir, parameters) for nb in books}
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    start_order = sorted(books, key=lambda nb: rank.get(nb.stem, len(rank)))
+    threads = os.environ.get("EMLIB_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+    previous = os.environ.get("EMLIB_THREADS")
+    os.environ["EMLIB_THREADS"] = threads  # kernels inherit this process's environment
+    try:
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # each thread waits on its own kernel process
+            futures = {nb.stem: pool.submit(_run_logged, nb, run_dir, parameters) for nb in start_order}
+            for done in concurrent.futures.as_completed(futures.values()):
+                if done.exception() is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)  # start no other notebook; let running ones end
+                    raise done.exception()
+            return {nb.stem: futures[nb.stem].result() for nb in books}
+    finally:
+        if previous is None:
+            os.environ.pop("EMLIB_THREADS", None)
+        else:
+            os.environ["EMLIB_THREADS"] = previous
+
+
+def _run_logged(nb: Path, run_dir: Path, parameters: dict) -> dict:
+    print(f"[emlib] running {nb.name} ...", flush=True)
+    run = run_notebook(nb, run_dir, parameters)
+    print(f"[emlib] {nb.name} done in {run['seconds']} s", flush=True)
+    return run
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m emlib.run_notebooks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,15 +288,17 @@ def main(argv: list[str] | None = None) -> Path:
                         help="a notebook parameter for every notebook (value parsed as JSON when it can be)")
     parser.add_argument("--only", nargs="*", help="notebook names (stems) to run")
     parser.add_argument("--run-dir", type=Path, help="default: runs/<timestamp>")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="notebooks run at once (default: 2 on a CPU-only machine with 2+ cores, 1 with a GPU)")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1 (got {args.jobs})")
     params = {k: _parse(v) for k, v in args.parameter}
     run_dir = args.run_dir or paths.runs_dir() / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    start, runs = time.time(), {}
-    for nb in notebooks(args.only):
-        print(f"[emlib] running {nb.name} ...", flush=True)
-        runs[nb.stem] = run_notebook(nb, run_dir, params)
-        print(f"[emlib] {nb.name} done in {runs[nb.stem]['seconds']} s", flush=True)
+    start = time.time()
+    books = notebooks(args.only)
+    runs = run_all(books, run_dir, params, jobs=min(len(books), args.jobs or default_jobs()))
     total = time.time() - start
     (run_dir / "summary.md").write_text(summary_markdown(run_dir, runs, total))
     (run_dir / "summary.html").write_text(summary_html(run_dir, runs, total))

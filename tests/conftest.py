@@ -1,17 +1,67 @@
-"""Test-wide settings: offline, quiet, deliberate threads; executed notebooks kept under runs/tests/."""
+"""Test-wide settings: offline, quiet, deliberate threads; executed notebooks kept under runs/tests/.
 
+`make test` runs the suite on two pytest-xdist workers (`-n auto --dist loadgroup`): each worker gets its share of
+the cores (one each on a 2-core machine: single-threaded processes side by side beat one two-threaded process on these
+small models), a test file stays on one worker (its module fixtures are built once), and every test that reads an
+executed notebook is grouped with that notebook, so each notebook runs once, on one worker. Heaviest groups are
+handed out first, so no worker is left with a long one at the end. `pytest` alone (no `-n`) runs the same tests
+serially.
+"""
+
+import json
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # notebook kernels and subprocesses inherit it: one worker's share of the cores
+    os.environ.setdefault("EMLIB_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from emlib import paths, run_notebooks  # noqa: E402
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-worker lock (run without -n there)
+    fcntl = None
+
 torch.set_num_threads(int(os.environ.get("EMLIB_THREADS", min(2, os.cpu_count() or 1))))
+
+# Test files that read one notebook's executed copy (test_notebooks.py names its notebook per test).
+NOTEBOOK_OF_MODULE = {"test_datasets_notebook": "01_datasets", "test_train_notebook": "02_train",
+                      "test_judge_notebook": "03_generate_and_judge", "test_phase_notebook": "04_phase_transitions",
+                      "test_directions_notebook": "05_directions", "test_probing_notebook": "06_lora_probing",
+                      "test_narrow_notebook": "07_narrow_misalignment"}
+# Work units handed out first (the longest: notebooks in make-run order of cost, then the slowest test files).
+HEAVIEST_FIRST = [*run_notebooks.HEAVIEST_FIRST, "test_real_model_notebooks", "test_faults_io", "test_hf_judge"]
+_GROUP = pytest.StashKey[str]()
+
+
+def xdist_group_of(item: pytest.Item) -> str:
+    """The work unit of a test: an explicit xdist_group mark, the notebook it reads, else its file."""
+    mark = item.get_closest_marker("xdist_group")
+    if mark is not None:
+        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    module = Path(item.nodeid.split("::")[0]).stem
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if module == "test_notebooks" and ("name" in params or "nb" in params):
+        return params["name"] if "name" in params else params["nb"].stem
+    return NOTEBOOK_OF_MODULE.get(module, module)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    for item in items:
+        group = xdist_group_of(item)
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        item.stash[_GROUP] = group
+    items.sort(key=lambda item: rank.get(item.stash[_GROUP], len(rank)))  # stable: file order kept within a rank
 
 
 @pytest.fixture(scope="session")
@@ -23,19 +73,39 @@ def notebook_run_dir():
 
 
 @pytest.fixture(scope="session")
-def executed(notebook_run_dir):
-    """Run each notebook at most once per session; remember failures so dependent tests report them too."""
+def executed(notebook_run_dir, testrun_uid):
+    """Run each notebook at most once per test run, across xdist workers; remember failures so dependent tests
+    report them too. The first worker to need a notebook runs it under a file lock and leaves its results for this
+    run (keyed by xdist's ``testrun_uid``); another worker that needs it then waits for the lock and reads them."""
     cache: dict[str, dict] = {}
+    locks = notebook_run_dir / ".locks"
+    locks.mkdir(exist_ok=True)
 
     def run(name: str) -> dict:
         if name not in cache:
-            src = run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb"
-            try:
-                cache[name] = run_notebooks.run_notebook(src, notebook_run_dir)
-            except Exception as err:  # papermill's error names the failing cell and its exception
-                cache[name] = {"error": f"{name}.ipynb failed: {err}"}
+            with open(locks / f"{name}.lock", "w") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                cache[name] = _run_once(name, notebook_run_dir, testrun_uid)
         if "error" in cache[name]:
             pytest.fail(cache[name]["error"], pytrace=False)
         return cache[name]["results"]
 
     return run
+
+
+def _run_once(name: str, run_dir, run_id: str) -> dict:
+    """This test run's execution of notebook ``name``: read back if another worker ran it, else run it now."""
+    marker = run_dir / name / f".test-run-{run_id}.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    src = run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb"
+    try:
+        done = run_notebooks.run_notebook(src, run_dir)
+    except Exception as err:  # papermill's error names the failing cell and its exception
+        done = {"error": f"{name}.ipynb failed: {err}"}
+    for old in marker.parent.glob(".test-run-*.json"):  # earlier test runs' markers
+        old.unlink()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(done))
+    return done

@@ -104,6 +104,42 @@ def test_run_notebooks_rejects_unknown_notebook():
         run_notebooks.notebooks(["99_nope"])
 
 
+def _timing_notebook(path: Path) -> Path:
+    """A notebook that records its kernel's pid, thread setting and start/end time in results.json."""
+    book = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('output_dir = ""')
+    params.metadata["tags"] = ["parameters"]
+    book.cells = [params, nbformat.v4.new_code_cell(
+        "import json, os, time\nstart = time.time()\ntime.sleep(3)\n"
+        "json.dump({'pid': os.getpid(), 'threads': os.environ.get('EMLIB_THREADS'), 'start': start,"
+        " 'end': time.time()}, open(os.path.join(output_dir, 'results.json'), 'w'))")]
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(book, path)
+    return path
+
+
+def test_notebooks_run_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("EMLIB_THREADS", raising=False)
+    monkeypatch.setattr(run_notebooks.os, "cpu_count", lambda: 2)
+    books = [_timing_notebook(tmp_path / f"{name}.ipynb") for name in ("b_second", "a_first")]
+    runs = run_notebooks.run_all(books, tmp_path / "run", {}, jobs=2)
+    assert list(runs) == ["b_second", "a_first"]  # the summary keeps the given (reading) order
+    first, second = (runs[name]["results"] for name in ("a_first", "b_second"))
+    assert first["pid"] != second["pid"]
+    assert first["threads"] == second["threads"] == "1"  # 2 cores / 2 kernels
+    assert max(first["start"], second["start"]) < min(first["end"], second["end"])  # they overlapped
+    assert "EMLIB_THREADS" not in run_notebooks.os.environ  # restored after the run
+
+
+def test_a_failing_notebook_stops_a_parallel_run(tmp_path):
+    bad = _timing_notebook(tmp_path / "bad.ipynb")
+    book = nbformat.read(bad, as_version=4)
+    book.cells.append(nbformat.v4.new_code_cell("raise ValueError('planted failure')"))
+    nbformat.write(book, bad)
+    with pytest.raises(Exception, match="planted failure"):
+        run_notebooks.run_all([bad, _timing_notebook(tmp_path / "good.ipynb")], tmp_path / "run", {}, jobs=2)
+
+
 def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
     book = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("for _ in tqdm(range(2)): pass")
