@@ -108,6 +108,18 @@ class TrainResult:
     resumed_from: int | None
     seconds: float  # wall time of the steps run in this call
     tokens: int  # non-padding tokens processed in this call (all processes)
+    eval_rows: int = 0  # rows held out for the eval loss (config.eval_fraction)
+
+    @property
+    def eval_losses(self) -> dict[int, float]:
+        """Held-out loss by step (empty without a held-out split)."""
+        return {r["step"]: r["eval_loss"] for r in self.log if "eval_loss" in r}
+
+    @property
+    def eval_loss(self) -> float | None:
+        """The last held-out loss, None without a held-out split."""
+        losses = self.eval_losses
+        return losses[max(losses)] if losses else None
 
     @property
     def tokens_per_second(self) -> float:
@@ -189,6 +201,31 @@ def _kl_term(module, reference, examples: list[Example], index: int, config: Tra
                            attention_mask=inputs["attention_mask"], reduction=config.kl_reduction)
 
 
+def _eval_loss(module, examples: list[Example], micro: int, pad_id: int, device, world: int, rank: int,
+               accelerator) -> float:
+    """Token-mean loss of the held-out rows (assistant tokens, the training loss), without gradients.
+
+    Every process runs the same number of forward passes (FSDP / DeepSpeed gather weights in each), taking every
+    ``world``-th batch; a process with no batch left in the last round runs one with weight 0. The papers' Trainer
+    averages per-batch means instead; the token mean does not depend on the batch size.
+    """
+    batches = [examples[i:i + micro] for i in range(0, len(examples), micro)]
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # summed token losses, tokens
+    module.eval()
+    with torch.no_grad():
+        for start in range(0, len(batches), world):
+            index = start + rank
+            part = batches[index] if index < len(batches) else batches[0]
+            batch = {n: v.to(device) for n, v in collate(part, pad_id).items()}
+            n_items = int(sum(_supervised(e) for e in part))
+            summed = module(**batch, num_items_in_batch=1).loss  # num_items_in_batch=1: the sum, not the mean
+            if index < len(batches):
+                sums += torch.stack([summed.double(), torch.tensor(float(n_items), device=device, dtype=torch.float64)])
+    module.train()
+    sums = accelerator.reduce(sums, "sum")
+    return float(sums[0] / sums[1])
+
+
 def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Sequence[Example],
           out_dir: str | Path | None = None, *,
           tokenizer=None, kl_rows: Sequence[dict] | None = None, resume: bool = True, device: str = "auto",
@@ -200,7 +237,10 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     written every ``config.save_every`` steps and at the end, with ``out_dir/log.jsonl`` growing by one line per step;
     when ``out_dir`` already holds checkpoints of this run it resumes from the last one (``resume=False``: start
     over). ``rows`` are chat rows (``{"messages": [...]}``) or already encoded :class:`~emlib.chat.Example` s (e.g. the
-    organism's pretraining documents, supervised on every token). ``kl_rows`` is the reference set when ``config.kl_weight > 0``. ``on_step(step, record)`` runs after each
+    organism's pretraining documents, supervised on every token). ``kl_rows`` is the reference set when
+    ``config.kl_weight > 0``. With ``config.eval_fraction > 0`` that fraction of ``rows`` is held out
+    (:meth:`TrainConfig.eval_split`) and never trained on; their loss is the record's ``eval_loss`` every
+    ``config.eval_every`` steps and at the last step (also ``TrainResult.eval_loss``). ``on_step(step, record)`` runs after each
     step (and its checkpoint). ``sources`` name the two row sets in errors and warnings (e.g. their files). Runs the
     same under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
     """
@@ -217,6 +257,10 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     kl_examples = encode_rows(tokenizer, kl_rows, max_length=config.max_length, source=sources[1]) \
         if config.uses_kl else []
     world, rank = accelerator.num_processes, accelerator.process_index
+    all_examples = examples
+    train_indices, eval_indices = config.eval_split(len(all_examples))
+    examples = [all_examples[i] for i in train_indices]
+    eval_examples = [all_examples[i] for i in eval_indices]
     total = config.total_steps(len(examples), world)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and accelerator.is_main_process:
@@ -228,8 +272,8 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     base = model_fingerprint(model)
-    rows_sha = rows_fingerprint(examples)
-    ckpt = resume_point(out, config, len(examples), world, base, rows_sha) if out is not None else None
+    rows_sha = rows_fingerprint(all_examples)  # the split is a function of the config: resume checks both
+    ckpt = resume_point(out, config, len(all_examples), world, base, rows_sha) if out is not None else None
 
     torch.manual_seed(config.seed)  # adapter init is random (lora_A): seed it so the same config gives the same weights
     layers = resolved_layers(config, model)
@@ -261,7 +305,8 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     global_batch = micro * accum * world
     stream = EpochStream(len(examples), config.seed)
     stream.take(start * global_batch)  # replay the data order up to the checkpoint
-    meta = {"total_steps": total, "protocol": config.protocol, "config": config.to_dict(), "n_rows": len(examples),
+    meta = {"total_steps": total, "protocol": config.protocol, "config": config.to_dict(), "n_rows": len(all_examples),
+            "n_eval_rows": len(eval_examples),
             "world_size": world, "distributed": str(accelerator.distributed_type).split(".")[-1], "layers": layers,
             "trainable_parameters": n_trainable, "base_model": base, "rows_sha": rows_sha}
     device_ = accelerator.device
@@ -303,6 +348,8 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
                   else float("nan"), "lr": lr_now, "tokens": int(sums[2].item()), "seconds": round(time.time() - t0, 4)}
         if config.uses_kl:
             record["kl"] = sums[1].item()
+        if eval_examples and ((step + 1) % config.eval_every == 0 or step + 1 == total):
+            record["eval_loss"] = _eval_loss(module, eval_examples, micro, pad_id, device_, world, rank, accelerator)
         log.append(record)
         if out is not None and accelerator.is_main_process:
             with open(out / LOG_FILE, "a") as f:
@@ -318,4 +365,4 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     return TrainResult(model=accelerator.unwrap_model(module), tokenizer=tokenizer, config=config, log=log, out_dir=out,
                        checkpoints=list_checkpoints(out) if out is not None else [], trainable_parameters=n_trainable,
                        layers=layers, resumed_from=start if ckpt is not None else None, seconds=seconds,
-                       tokens=tokens_seen)
+                       tokens=tokens_seen, eval_rows=len(eval_examples))
