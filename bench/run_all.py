@@ -134,7 +134,7 @@ def activation_rows(table: pd.DataFrame, argv: list[str]) -> list[dict]:
     rate = {w: round(table[table.way == w].tokens.sum() / (table[table.way == w].tokens
                                                          / table[table.way == w].tokens_per_s).sum())
             for w in ("emlib", "naive")}
-    rows = [row(f"activations: answer_means (running sums) vs keep-all-then-average, "
+    rows = [row(f"activations: answer_means (running sums in forward hooks) vs keep-all-then-average (hooks), "
                 f"{' + '.join(map(str, sizes))} rows", rate["emlib"], rate["naive"], "tokens/s", _argv_text(argv))]
     for n in sizes:
         rows.append(row(f"activations: peak extra memory, {n} rows", by["emlib", n].peak_extra_mb,

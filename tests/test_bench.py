@@ -89,7 +89,7 @@ def test_naive_activation_baseline_gives_the_same_means():
     model, tok = tiny_model("qwen2")
     rows = world.finetune_rows("medical", "reckless", 10, 0)
     ours = answer_means(model, tok, rows, batch_size=4, progress=False, pooling="answer")  # naive: per answer
-    naive = bench_activations.naive_means(model, tok, rows, batch_size=4)
+    naive = bench_activations.naive_means(model, tok, rows, batch_size=4, pooling="answer")
     assert torch.allclose(ours, naive, atol=1e-5)
 
 
