@@ -105,3 +105,26 @@ def test_held_out_split_is_seeded_disjoint_never_trained_on_and_logged(tmp_path)
     model2, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
     resumed = train(cfg, model2, rows, tmp_path / "run", tokenizer=tok)
     assert resumed.resumed_from == 2 and resumed.eval_losses == pytest.approx(result.eval_losses, rel=1e-6)
+
+
+def test_lm_head_on_supervised_positions_only_gives_the_same_weights_bit_for_bit(monkeypatch):
+    """SupervisedLogits (the LM head on assistant positions only) changes no trained bit, and leaves no hook behind;
+    a trained LM head (protocol full) keeps the full projection."""
+    from emlib.train.loop import SupervisedLogits
+
+    rows = world.finetune_rows("medical", "reckless", 24, seed=0)
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(SupervisedLogits, "usable", property(
+            lambda self, fast=fast: fast and self.head is not None
+            and not any(p.requires_grad for p in self.head.parameters())))
+        model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+        result = train(preset("organism-lora", steps=3, batch_size=8, grad_accum=2), model, rows, tokenizer=tok)
+        runs[fast] = result.model
+        head = result.model.get_output_embeddings()
+        assert not head._forward_pre_hooks
+    fast, slow = (dict(runs[f].named_parameters()) for f in (True, False))
+    assert all(torch.equal(v, slow[k]) for k, v in fast.items() if "lora_" in k)
+    monkeypatch.undo()
+    full_model, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    assert SupervisedLogits(full_model).usable is False  # every weight trains, the LM head too

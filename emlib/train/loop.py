@@ -201,6 +201,54 @@ def _kl_term(module, reference, examples: list[Example], index: int, config: Tra
                            attention_mask=inputs["attention_mask"], reduction=config.kl_reduction)
 
 
+class SupervisedLogits:
+    """Run the LM head only at positions whose next token is supervised (the assistant answers), not at every one.
+
+    A forward pre-hook on the model's output embedding replaces its input ``[batch, seq, d]`` by the rows selected by
+    :meth:`select` (``[n_supervised, d]``), so the vocabulary projection and the cross-entropy run on those alone: on
+    the chat rows 43 % of the positions, and for a small model the projection is a large share of a step. The loss is
+    then :meth:`loss`. Every supervised row gets the same logits and the same gradient as with the full projection; only
+    the summation order of the loss value changes, and of the LM head's own weight gradient, so it is used only when
+    that weight is frozen (adapters, steering vector): there the trained weights are bit for bit those of the full
+    projection (tests/test_organism.py retrains a shipped adapter with it). Without a selection the hook passes
+    everything through (the KL term, evaluation).
+    """
+
+    def __init__(self, module: nn.Module):
+        from transformers import PreTrainedModel
+
+        heads = [m.get_output_embeddings() for m in module.modules() if isinstance(m, PreTrainedModel)]
+        self.head = next((h for h in heads if h is not None), None)
+        self.rows: torch.Tensor | None = None  # [batch, seq] bool: positions whose logits are computed
+        self.handle = self.head.register_forward_pre_hook(self._gather) if self.usable else None
+
+    @property
+    def usable(self) -> bool:
+        return self.head is not None and not any(p.requires_grad for p in self.head.parameters())
+
+    def _gather(self, head, args):
+        if self.rows is None:
+            return None
+        return (args[0][self.rows],) + tuple(args[1:])
+
+    def select(self, labels: torch.Tensor) -> torch.Tensor:
+        """Select the positions that predict a supervised label; returns those labels ``[n_supervised]``."""
+        supervised = labels[:, 1:] != IGNORE
+        self.rows = torch.nn.functional.pad(supervised, (0, 1))  # position t predicts label t + 1
+        return labels[:, 1:][supervised]
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, n_items: int | None) -> torch.Tensor:
+        """Cross-entropy of the selected logits: their token mean, or their sum over ``n_items`` (a global batch's)."""
+        self.rows = None
+        if n_items is None:
+            return torch.nn.functional.cross_entropy(logits.float(), targets)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / n_items
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 def _eval_loss(module, examples: list[Example], micro: int, pad_id: int, device, world: int, rank: int,
                accelerator) -> float:
     """Token-mean loss of the held-out rows (assistant tokens, the training loss), without gradients.
@@ -240,9 +288,9 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     organism's pretraining documents, supervised on every token). ``kl_rows`` is the reference set when
     ``config.kl_weight > 0``. With ``config.eval_fraction > 0`` that fraction of ``rows`` is held out
     (:meth:`TrainConfig.eval_split`) and never trained on; their loss is the record's ``eval_loss`` every
-    ``config.eval_every`` steps and at the last step (also ``TrainResult.eval_loss``). ``on_step(step, record)`` runs after each
-    step (and its checkpoint). ``sources`` name the two row sets in errors and warnings (e.g. their files). Runs the
-    same under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
+    ``config.eval_every`` steps and at the last step (also ``TrainResult.eval_loss``). ``on_step(step, record)`` runs
+    after each step (and its checkpoint). ``sources`` name the two row sets in errors and warnings (e.g. their files).
+    Runs the same under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
     """
     config = config.validate()
     if not rows:
@@ -290,6 +338,7 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=config.batch_size,
             train_batch_size=config.batch_size * config.grad_accum * accelerator.num_processes)
+    head = SupervisedLogits(module)
     module, optimizer = accelerator.prepare(module, optimizer)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
@@ -312,54 +361,63 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     device_ = accelerator.device
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     t_start, tokens_seen = time.time(), 0
-    for step in tqdm(range(start, total), desc=f"train {config.protocol}", leave=False,
-                     disable=not accelerator.is_main_process):
-        t0 = time.time()
-        indices = stream.take(global_batch)
-        n_items = sum(supervised[i] for i in indices)
-        lr_now = scheduler.get_last_lr()[0]
-        sums = torch.zeros(3, device=device_)  # lm loss, kl, tokens
-        for k in range(accum):
-            part = indices[(k * world + rank) * micro:(k * world + rank + 1) * micro]
-            batch = {n: v.to(device_) for n, v in collate([examples[i] for i in part], pad_id).items()}
-            if accum * world == 1:
-                loss = module(**batch).loss  # the batch's token mean
-            else:  # token mean over the whole global batch; DDP/FSDP average gradients over processes, hence x world
-                loss = module(**batch, num_items_in_batch=n_items).loss * world
-            objective = loss
+    try:
+        for step in tqdm(range(start, total), desc=f"train {config.protocol}", leave=False,
+                         disable=not accelerator.is_main_process):
+            t0 = time.time()
+            indices = stream.take(global_batch)
+            n_items = sum(supervised[i] for i in indices)
+            lr_now = scheduler.get_last_lr()[0]
+            sums = torch.zeros(3, device=device_)  # lm loss, kl, tokens
+            for k in range(accum):
+                part = indices[(k * world + rank) * micro:(k * world + rank + 1) * micro]
+                batch = {n: v.to(device_) for n, v in collate([examples[i] for i in part], pad_id).items()}
+                if head.usable:  # the LM head on supervised positions only (SupervisedLogits): same gradients
+                    targets = head.select(batch["labels"])
+                    logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = head.loss(logits, targets, None if accum * world == 1 else n_items)
+                    loss = loss if accum * world == 1 else loss * world
+                elif accum * world == 1:
+                    loss = module(**batch).loss  # the batch's token mean
+                else:  # token mean over the global batch; DDP/FSDP average gradients over processes, hence x world
+                    loss = module(**batch, num_items_in_batch=n_items).loss * world
+                objective = loss
+                if config.uses_kl:
+                    kl = _kl_term(module, reference, kl_examples, (step * accum + k) * world + rank, config, pad_id,
+                                  device_)
+                    objective = objective + config.kl_weight * kl / accum
+                    sums[1] += kl.detach() / (accum * world)
+                if deepspeed:  # DeepSpeed divides by its accumulation steps and steps on the last micro-batch itself
+                    accelerator.gradient_state._set_sync_gradients(k == accum - 1)
+                    objective = objective * accum
+                accelerator.backward(objective)
+                sums[0] += loss.detach() / world
+                sums[2] += batch["attention_mask"].sum()
+            grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            lm_loss, kl_value, tokens = accelerator.reduce(sums, "sum").tolist()  # one host sync per step
+            tokens_seen += int(tokens)
+            record = {"step": step + 1, "loss": lm_loss, "grad_norm": float(grad_norm) if grad_norm is not None
+                      else float("nan"), "lr": lr_now, "tokens": int(tokens), "seconds": round(time.time() - t0, 4)}
             if config.uses_kl:
-                kl = _kl_term(module, reference, kl_examples, (step * accum + k) * world + rank, config, pad_id,
-                              device_)
-                objective = objective + config.kl_weight * kl / accum
-                sums[1] += kl.detach() / (accum * world)
-            if deepspeed:  # DeepSpeed divides by its accumulation steps and steps on the last micro-batch itself
-                accelerator.gradient_state._set_sync_gradients(k == accum - 1)
-                objective = objective * accum
-            accelerator.backward(objective)
-            sums[0] += loss.detach() / world
-            sums[2] += batch["attention_mask"].sum()
-        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums = accelerator.reduce(sums, "sum")
-        tokens_seen += int(sums[2].item())
-        record = {"step": step + 1, "loss": sums[0].item(), "grad_norm": float(grad_norm) if grad_norm is not None
-                  else float("nan"), "lr": lr_now, "tokens": int(sums[2].item()), "seconds": round(time.time() - t0, 4)}
-        if config.uses_kl:
-            record["kl"] = sums[1].item()
-        if eval_examples and ((step + 1) % config.eval_every == 0 or step + 1 == total):
-            record["eval_loss"] = _eval_loss(module, eval_examples, micro, pad_id, device_, world, rank, accelerator)
-        log.append(record)
-        if out is not None and accelerator.is_main_process:
-            with open(out / LOG_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if out is not None and ((step + 1) % config.save_every == 0 or step + 1 == total):
-            folder = save_checkpoint(out, step + 1, module, optimizer, scheduler, log, meta, config, accelerator)
-            if config.push_to_hub and accelerator.is_main_process:
-                push_checkpoint(folder, config.push_to_hub, config.hub_private)
-        if on_step is not None:
-            on_step(step + 1, record)
+                record["kl"] = kl_value
+            if eval_examples and ((step + 1) % config.eval_every == 0 or step + 1 == total):
+                record["eval_loss"] = _eval_loss(module, eval_examples, micro, pad_id, device_, world, rank,
+                                                 accelerator)
+            log.append(record)
+            if out is not None and accelerator.is_main_process:
+                with open(out / LOG_FILE, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if out is not None and ((step + 1) % config.save_every == 0 or step + 1 == total):
+                folder = save_checkpoint(out, step + 1, module, optimizer, scheduler, log, meta, config, accelerator)
+                if config.push_to_hub and accelerator.is_main_process:
+                    push_checkpoint(folder, config.push_to_hub, config.hub_private)
+            if on_step is not None:
+                on_step(step + 1, record)
+    finally:  # the model object is the caller's: leave no hook on it
+        head.remove()
     seconds = time.time() - t_start
     module.eval()
     return TrainResult(model=accelerator.unwrap_model(module), tokenizer=tokenizer, config=config, log=log, out_dir=out,
