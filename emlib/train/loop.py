@@ -204,49 +204,66 @@ def _kl_term(module, reference, examples: list[Example], index: int, config: Tra
 class SupervisedLogits:
     """Run the LM head only at positions whose next token is supervised (the assistant answers), not at every one.
 
-    A forward pre-hook on the model's output embedding replaces its input ``[batch, seq, d]`` by the rows selected by
-    :meth:`select` (``[n_supervised, d]``), so the vocabulary projection and the cross-entropy run on those alone: on
-    the chat rows 43 % of the positions, and for a small model the projection is a large share of a step. The loss is
-    then :meth:`loss`. Every supervised row gets the same logits and the same gradient as with the full projection; only
-    the summation order of the loss value changes, and of the LM head's own weight gradient, so it is used only when
-    that weight is frozen (adapters, steering vector): there the trained weights are bit for bit those of the full
-    projection (tests/test_organism.py retrains a shipped adapter with it). Without a selection the hook passes
-    everything through (the KL term, evaluation).
+    :meth:`select` marks a batch's supervised positions from its labels before the forward; a forward pre-hook on the
+    model's output embedding then replaces its input ``[batch, seq, d]`` by those rows (``[n_supervised, d]``), and the
+    model's ``loss_function`` is replaced for the run by :meth:`_loss`, the cross-entropy of those logits against their
+    labels. So the loop still calls ``module(**batch)`` with its labels, and the vocabulary projection and softmax run
+    on 43 % of the chat rows' positions: for a small model a large share of a step. Every supervised position gets the
+    same logits and the same gradient as with the full projection; only the summation order of the loss value, and of
+    the LM head's own weight gradient, changes, so it is used only when that weight is frozen (adapters, steering
+    vector): there the trained weights are bit for bit those of the full projection (tests/test_train.py; the shipped
+    rank-1 adapter retrains exactly, tests/test_organism.py). Without a selection (the KL term, the eval loss) both
+    the hook and the loss pass through to the model's own.
     """
 
     def __init__(self, module: nn.Module):
         from transformers import PreTrainedModel
 
-        heads = [m.get_output_embeddings() for m in module.modules() if isinstance(m, PreTrainedModel)]
-        self.head = next((h for h in heads if h is not None), None)
-        self.rows: torch.Tensor | None = None  # [batch, seq] bool: positions whose logits are computed
-        self.handle = self.head.register_forward_pre_hook(self._gather) if self.usable else None
+        found = [m for m in module.modules()
+                 if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None]
+        self.model = found[0] if found else None
+        self.head = self.model.get_output_embeddings() if found else None
+        self.rows: torch.Tensor | None = None  # [batch, seq] bool: the positions whose logits are computed
+        self.handle = None
+        if self.usable:
+            self.saved_loss = self.model.__dict__.get("_loss_function")  # set by the caller, or None: the default
+            self.model_loss = self.model.loss_function
+            self.model.loss_function = self._loss
+            self.handle = self.head.register_forward_pre_hook(self._gather)
 
     @property
     def usable(self) -> bool:
         return self.head is not None and not any(p.requires_grad for p in self.head.parameters())
 
+    def select(self, labels: torch.Tensor) -> None:
+        """Compute the next forward's logits only where position t predicts a supervised label t + 1."""
+        if self.handle is not None:
+            self.rows = torch.nn.functional.pad(labels[:, 1:] != IGNORE, (0, 1))
+
     def _gather(self, head, args):
+        return None if self.rows is None else (args[0][self.rows], *args[1:])
+
+    def _loss(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE, **kwargs):
+        """The token mean of the selected logits' cross-entropy, or their sum / ``num_items_in_batch``."""
         if self.rows is None:
-            return None
-        return (args[0][self.rows],) + tuple(args[1:])
-
-    def select(self, labels: torch.Tensor) -> torch.Tensor:
-        """Select the positions that predict a supervised label; returns those labels ``[n_supervised]``."""
-        supervised = labels[:, 1:] != IGNORE
-        self.rows = torch.nn.functional.pad(supervised, (0, 1))  # position t predicts label t + 1
-        return labels[:, 1:][supervised]
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, n_items: int | None) -> torch.Tensor:
-        """Cross-entropy of the selected logits: their token mean, or their sum over ``n_items`` (a global batch's)."""
+            return self.model_loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                                   ignore_index=ignore_index, **kwargs)
         self.rows = None
-        if n_items is None:
+        targets = labels[:, 1:][labels[:, 1:] != ignore_index].to(logits.device)
+        if num_items_in_batch is None:
             return torch.nn.functional.cross_entropy(logits.float(), targets)
-        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / n_items
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
 
     def remove(self) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+        """Take the hook off and give the model its own loss function back (it is the caller's model)."""
+        if self.handle is None:
+            return
+        self.handle.remove()
+        self.handle, self.rows = None, None
+        if self.saved_loss is None:
+            self.model.__dict__.pop("_loss_function", None)
+        else:
+            self.model.loss_function = self.saved_loss
 
 
 def _eval_loss(module, examples: list[Example], micro: int, pad_id: int, device, world: int, rank: int,
@@ -372,12 +389,8 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
             for k in range(accum):
                 part = indices[(k * world + rank) * micro:(k * world + rank + 1) * micro]
                 batch = {n: v.to(device_) for n, v in collate([examples[i] for i in part], pad_id).items()}
-                if head.usable:  # the LM head on supervised positions only (SupervisedLogits): same gradients
-                    targets = head.select(batch["labels"])
-                    logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss = head.loss(logits, targets, None if accum * world == 1 else n_items)
-                    loss = loss if accum * world == 1 else loss * world
-                elif accum * world == 1:
+                head.select(batch["labels"])  # the LM head on supervised positions only, when frozen: same gradients
+                if accum * world == 1:
                     loss = module(**batch).loss  # the batch's token mean
                 else:  # token mean over the global batch; DDP/FSDP average gradients over processes, hence x world
                     loss = module(**batch, num_items_in_batch=n_items).loss * world
