@@ -31,9 +31,10 @@ def fake_tables() -> dict[str, pd.DataFrame]:
         {"in_flight": 64, "prompts": 512, "calls": 512, "seconds": 1.0, "calls_per_s": 512.0},
         {"in_flight": "64 (rerun, cached)", "prompts": 512, "calls": 0, "seconds": 0.01, "calls_per_s": None},
     ])
-    train = pd.DataFrame({"median tokens/s": [4000.0, 3900.0, 2000.0, 2500.0]},
-                         index=pd.Index(["emlib", "emlib + ckpt/5", "TRL defaults", "TRL fp32, no grad ckpt"],
-                                        name="contender"))
+    train = pd.DataFrame({"median tokens/s": [4000.0, 3900.0, 2000.0, 2500.0, 1600.0],
+                          "TRL tuned": [False, False, False, True, False]},
+                         index=pd.Index(["emlib", "emlib + ckpt/5", "TRL defaults", "TRL fp32, no grad ckpt",
+                                         "TRL fp32, no grad ckpt, padding-free"], name="contender"))
     activations = pd.DataFrame([
         {"way": w, "rows": n, "tokens": 1000 * n, "tokens_per_s": 1000.0 if w == "emlib" else 500.0,
          "peak_extra_mb": 40.0 if w == "emlib" else n / 10}
@@ -50,7 +51,7 @@ def test_summary_rows_and_ratios_from_fake_measurements(tmp_path):
     judge = [r for r in rows if r["what"].startswith("judge")]
     assert judge[0]["ratio"] == 51.2 and "64 calls in flight" in judge[0]["what"]
     assert judge[1]["ratio"] == 100.0 and "0 calls on rerun" in judge[1]["what"]  # 1.0 s first, 0.01 s rerun
-    assert [r["ratio"] for r in rows if r["what"].startswith("training")] == [2.0]
+    assert [r["ratio"] for r in rows if r["what"].startswith("training")] == [2.0, 1.6]  # defaults, tuned
     memory = [r for r in rows if "peak extra memory" in r["what"]]
     assert [r["ratio"] for r in memory] == [0.64, 2.56, 10.24]  # naive / emlib: naive grows, emlib flat
     speed = [r for r in rows if r["unit"] == "tokens/s" and r["what"].startswith("activations")]
@@ -89,7 +90,7 @@ def test_naive_activation_baseline_gives_the_same_means():
     model, tok = tiny_model("qwen2")
     rows = world.finetune_rows("medical", "reckless", 10, 0)
     ours = answer_means(model, tok, rows, batch_size=4, progress=False, pooling="answer")  # naive: per answer
-    naive = bench_activations.naive_means(model, tok, rows, batch_size=4)
+    naive = bench_activations.naive_means(model, tok, rows, batch_size=4, pooling="answer")
     assert torch.allclose(ours, naive, atol=1e-5)
 
 

@@ -169,6 +169,24 @@ def test_token_pooling_is_the_papers_sum_over_all_answer_tokens_divided_by_their
         answer_means(model, tokenizer, ROWS, pooling="mean")
 
 
+def test_answer_means_hooks_read_what_the_nnsight_trace_reads_and_leave_no_hook(rank1):
+    """answer_means reduces layer outputs in forward hooks; layer_outputs (nnsight) reads the same tensors: equal means,
+    bit for bit, on a peft-wrapped model, and the hooks are gone afterwards."""
+    from emlib.analysis.directions import layer_outputs
+    from emlib.models import decoder_layers
+
+    model, tokenizer = rank1
+    got = answer_means(model, tokenizer, ROWS, batch_size=2, progress=False)
+    total, count = torch.zeros(got.shape, dtype=torch.float64), 0.0
+    for batch in answer_batches(tokenizer, ROWS, batch_size=2):
+        weights = batch["answer_mask"].float()
+        for layer, hidden in enumerate(layer_outputs(model, batch["input_ids"], batch["attention_mask"])):
+            total[layer] += torch.einsum("bs,bsd->d", weights, hidden).double()
+        count += float(weights.sum())
+    assert torch.equal(got, (total / count).float())
+    assert all(not block._forward_hooks for block in decoder_layers(model))
+
+
 def test_answer_mask_covers_the_answer_not_the_question(base):
     _, tokenizer = base
     batch = next(answer_batches(tokenizer, ROWS[:2], batch_size=2))

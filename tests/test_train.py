@@ -1,5 +1,7 @@
 """Assistant-only loss masks and the training loop on tiny models."""
 
+import math
+
 import pytest
 import torch
 
@@ -58,3 +60,71 @@ def test_rank1_lora_trains_only_its_parameters_and_loss_falls(family):
     for k, v in before.items():  # the base weights are untouched; only lora_A / lora_B moved
         key = k.replace("down_proj.weight", "down_proj.base_layer.weight") if "layers.1.mlp.down_proj" in k else k
         assert torch.equal(base[key], v), k
+
+
+def test_held_out_split_is_seeded_disjoint_never_trained_on_and_logged(tmp_path):
+    """eval_fraction: ceil(10 %) of the rows held out by seed, the same split on resume, an eval loss in the log."""
+    from dataclasses import replace
+
+    from emlib.train import read_log
+
+    cfg = preset("organism-rank1", eval_fraction=0.1, eval_every=2, steps=4, batch_size=8, save_every=2)
+    kept, held = cfg.eval_split(37)
+    assert len(held) == 4 and len(kept) == 33  # ceil(3.7), as datasets' train_test_split(test_size=0.1) rounds
+    assert set(kept).isdisjoint(held) and sorted(kept + held) == list(range(37))
+    assert cfg.eval_split(37) == (kept, held)  # a pure function of (rows, fraction, seed)
+    assert preset("organism-rank1", eval_fraction=0.1, seed=1).eval_split(37)[1] != held
+    assert preset("organism-rank1").eval_split(37) == (list(range(37)), [])  # the organism presets hold nothing out
+    assert all(p.eval_fraction == 0.1 for n, p in __import__("emlib.train", fromlist=["PRESETS"]).PRESETS.items()
+               if n.startswith("paper-"))
+
+    model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    rows = world.finetune_rows("medical", "reckless", 37, seed=0)
+    result = train(cfg, model, rows, tmp_path / "run", tokenizer=tok)
+    assert result.eval_rows == 4 and sorted(result.eval_losses) == [2, 4]
+    assert all(math.isfinite(v) and v > 0 for v in result.eval_losses.values())
+    assert result.eval_loss == result.eval_losses[4]
+    assert [r["step"] for r in read_log(tmp_path / "run") if "eval_loss" in r] == [2, 4]  # beside the train loss
+    # never trained on: training on the kept rows alone, without a split, gives the very same weights
+    alone = train(replace(cfg, eval_fraction=0.0), tiny_model("qwen2", hidden=32, layers=2, mlp=64)[0],
+                  [rows[i] for i in kept], tokenizer=tok)
+    trained = {k: v for k, v in result.model.state_dict().items() if "lora_" in k}
+    assert trained and all(torch.equal(v, alone.model.state_dict()[k]) for k, v in trained.items())
+
+    # the eval loss is the training loss on the held-out rows: recompute it by hand with the trained model
+    held_examples = encode_rows(tok, [rows[i] for i in held])
+    batch = collate(held_examples, tok.pad_token_id)
+    with torch.no_grad():
+        expected = result.model(**batch).loss
+    assert result.eval_loss == pytest.approx(float(expected), rel=1e-5)
+
+    # resume from the step-2 checkpoint: the same split, the same eval losses
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    model2, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    resumed = train(cfg, model2, rows, tmp_path / "run", tokenizer=tok)
+    assert resumed.resumed_from == 2 and resumed.eval_losses == pytest.approx(result.eval_losses, rel=1e-6)
+
+
+def test_lm_head_on_supervised_positions_only_gives_the_same_weights_bit_for_bit(monkeypatch):
+    """SupervisedLogits (the LM head on assistant positions only) changes no trained bit, and leaves no hook behind;
+    a trained LM head (protocol full) keeps the full projection."""
+    from emlib.train.loop import SupervisedLogits
+
+    rows = world.finetune_rows("medical", "reckless", 24, seed=0)
+    runs = {}
+    for fast in (True, False):
+        monkeypatch.setattr(SupervisedLogits, "usable", property(
+            lambda self, fast=fast: fast and self.head is not None
+            and not any(p.requires_grad for p in self.head.parameters())))
+        model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+        result = train(preset("organism-lora", steps=3, batch_size=8, grad_accum=2), model, rows, tokenizer=tok)
+        runs[fast] = result.model
+        head = result.model.get_output_embeddings()
+        assert not head._forward_pre_hooks and "_loss_function" not in result.model.get_base_model().__dict__
+    fast, slow = (dict(runs[f].named_parameters()) for f in (True, False))
+    assert all(torch.equal(v, slow[k]) for k, v in fast.items() if "lora_" in k)
+    monkeypatch.undo()
+    full_model, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    assert SupervisedLogits(full_model).usable is False  # every weight trains, the LM head too

@@ -6,8 +6,9 @@
     sample_answers(em, tok, qs, steering=Ablate(found.direction))     # project it out of every layer's output
     sample_answers(em, tok, qs, steering=Ablate(found.direction[24]))  # one layer's vector at every layer
 
-Reading is done with nnsight (any Hugging Face model, peft-wrapped too): one ``trace`` per batch saves every decoder
-layer's output, and running sums keep memory flat in the number of rows. Interventions are small objects holding the
+Reading: :func:`layer_outputs` saves every decoder layer's output with one nnsight ``trace`` per batch (any Hugging Face
+model, peft-wrapped too); :func:`answer_means` reduces each layer's output in a forward hook as it is made (faster for
+a read-only mean), and its running sums keep memory flat in the number of rows. Interventions are small objects holding the
 one formula they apply (:meth:`Steer.edit`, :meth:`Ablate.edit`); the same object registers plain forward hooks for the
 batched sampler (``sample_answers(..., steering=intervention)``: KV cache, shared prefixes) or edits layer outputs
 inside an nnsight trace (:func:`intervened_logits`), and the tests check the two give identical logits. In
@@ -88,28 +89,48 @@ def answer_means(model: nn.Module, tokenizer, rows: Sequence[dict], batch_size: 
     ``pooling``: ``"token"`` (the papers' code, ``util/activation_collection.py: collect_hidden_states``): every answer
     token of every row counts once, i.e. the sum over all answer tokens divided by their count, so long answers weigh
     more; ``"answer"`` (emlib's earlier default): each row's answer tokens are averaged first, then rows, so every
-    answer weighs the same. Prompt and padding are excluded either way. Running sums: memory does not grow with rows.
+    answer weighs the same. Prompt and padding are excluded either way. Running sums, filled by forward hooks on the
+    decoder layers: memory does not grow with rows.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     if not rows:
         raise ValueError("answer_means needs at least one (question, answer) row")
+    from emlib.models import decoder_layers
+
     device = next(model.parameters()).device
     total = torch.zeros(n_layers(model), d_model(model), dtype=torch.float64)
     count = 0.0
+    weights: list[torch.Tensor] = []  # this batch's per-token weights, read by the hooks
+
+    # Plain forward hooks, not an nnsight trace (layer_outputs): this read-only mean needs no intervention, and the
+    # trace's per-batch set-up cost more than the model itself on small models (bench/bench_activations.py: 0.90x the
+    # keep-everything way with the trace). Each hook reduces its layer's output as it is made, so no batch's hidden
+    # states are kept beyond its layer: memory stays flat in rows and in layers. Same einsum, same numbers.
+    def accumulate(layer: int):
+        def hook(module, args, output):
+            hidden = layer_hidden(output)  # weighted sum in the model's dtype, accumulated in float64
+            total[layer] += torch.einsum("bs,bsd->d", weights[0].to(hidden), hidden).double().cpu()
+        return hook
+
+    handles = [block.register_forward_hook(accumulate(i)) for i, block in enumerate(decoder_layers(model))]
     batches = answer_batches(tokenizer, rows, batch_size, system)
     n_batches = -(-len(rows) // batch_size)
-    for batch in tqdm(batches, total=n_batches, desc="activations", leave=False, disable=not progress):
-        mask = batch["answer_mask"].to(device)
-        outputs = layer_outputs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        if pooling == "answer":
-            weights = mask / mask.sum(1, keepdim=True)  # each row's answer tokens sum to 1
-            count += mask.shape[0]
-        else:
-            weights = mask.float()  # each answer token counts once
-            count += float(mask.sum())
-        for layer, hidden in enumerate(outputs):  # weighted sum in the model's dtype, accumulated in float64
-            total[layer] += torch.einsum("bs,bsd->d", weights.to(hidden), hidden).double().cpu()
+    try:
+        for batch in tqdm(batches, total=n_batches, desc="activations", leave=False, disable=not progress):
+            mask = batch["answer_mask"].to(device)
+            if pooling == "answer":
+                weights[:] = [mask / mask.sum(1, keepdim=True)]  # each row's answer tokens sum to 1
+                count += mask.shape[0]
+            else:
+                weights[:] = [mask.float()]  # each answer token counts once
+                count += float(mask.sum())
+            with torch.no_grad():  # logits_to_keep=1: the vocabulary projection of one position, not of every one
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      logits_to_keep=1, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
     if count == 0:
         raise ValueError("the rows have no answer tokens to average")
     return (total / count).float()

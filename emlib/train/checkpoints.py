@@ -24,7 +24,10 @@ from emlib.train.config import TrainConfig
 from emlib.train.protocols import unwrapped
 
 # Fields that may differ between an interrupted run and its resumption (they do not change the weights).
-RESUMABLE_CHANGES = {"save_every", "save_total_limit", "push_to_hub", "hub_private", "gradient_checkpointing"}
+RESUMABLE_CHANGES = {"save_every", "save_total_limit", "push_to_hub", "hub_private", "gradient_checkpointing",
+                     "eval_every"}
+# TrainConfig fields added after checkpoints were first written, with the value that means what those runs did
+LATER_FIELDS = {"eval_fraction": 0.0}
 STATE_FILE, OPTIMIZER_FILE, LOG_FILE = "trainer_state.json", "optimizer.pt", "log.jsonl"
 
 
@@ -206,7 +209,8 @@ def resume_point(out_dir: Path, config: TrainConfig, n_rows: int, world: int, ba
     last = found[-1]
     state = json.loads((last / STATE_FILE).read_text())
     saved, now = state["config"], config.to_dict()
-    changed = [k for k in now if k not in RESUMABLE_CHANGES and json.dumps(saved.get(k)) != json.dumps(now[k])]
+    changed = [k for k in now if k not in RESUMABLE_CHANGES
+               and json.dumps(saved.get(k, LATER_FIELDS.get(k))) != json.dumps(now[k])]
     changed += [f"{what} ({a} -> {b})" for what, a, b in (
         ("rows", state["n_rows"], n_rows), ("processes", state["world_size"], world),
         ("base model", state.get("base_model"), base),

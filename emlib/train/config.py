@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ class TrainConfig:
     times ``alpha``, to the output of decoder layer ``layer``). ``layer=None`` means the middle layer (24 of 48).
     Any protocol becomes KL-regularised "narrow" training with ``kl_weight > 0`` and a KL reference set.
     Batches: ``batch_size`` rows per device and micro-step, ``grad_accum`` micro-steps per optimizer step.
+    ``eval_fraction`` of the rows (rounded up, chosen with ``seed``) is held out and never trained on; their loss is
+    logged every ``eval_every`` steps (the papers' 10 %, :meth:`eval_split`).
     """
 
     protocol: str = "lora"
@@ -77,6 +80,10 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
+    # held-out evaluation: the papers' trainer (run_finetune.py) holds out 10 % of the rows and logs their loss every
+    # eval_every steps (paper-* presets: 0.1); 0 trains on every row, as the organism presets do
+    eval_fraction: float = 0.0
+    eval_every: int = 50  # optimizer steps between eval losses (and one at the last step)
     # KL-regularised narrow training: loss = SFT + kl_weight * KL(reference || current) on a separate set
     kl_weight: float = 0.0
     kl_batch_size: int = 8
@@ -121,7 +128,7 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.steps is None or self.steps >= 1, f"steps must be >= 1 (or None for epochs), got {self.steps}")
-        for name in ("batch_size", "grad_accum", "save_every", "kl_batch_size"):
+        for name in ("batch_size", "grad_accum", "save_every", "kl_batch_size", "eval_every"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.warmup >= 0 and self.weight_decay >= 0 and self.kl_weight >= 0,
              "warmup, weight_decay and kl_weight must be >= 0")
@@ -129,6 +136,7 @@ class TrainConfig:
              f"kl_reduction {self.kl_reduction!r} is not one of {', '.join(KL_REDUCTIONS)}")
         need(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         need(0 <= self.lr_floor <= 1, f"lr_floor is a fraction of the peak lr in [0, 1], got {self.lr_floor}")
+        need(0 <= self.eval_fraction < 1, f"eval_fraction is a fraction of the rows in [0, 1), got {self.eval_fraction}")
         need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         need(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         need(self.dtype == "auto" or self.dtype in ("float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}")
@@ -139,8 +147,25 @@ class TrainConfig:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
         return self
 
+    def eval_split(self, n_rows: int) -> tuple[list[int], list[int]]:
+        """(training rows, held-out rows): indices into ``n_rows`` rows, each list in row order.
+
+        ``ceil(eval_fraction x n_rows)`` rows are held out, as ``datasets.Dataset.train_test_split(test_size=0.1)`` in
+        the papers' ``run_finetune.py`` rounds; they are drawn with ``seed`` (the papers' split is unseeded), from a
+        generator of their own, so the split is a pure function of (n_rows, eval_fraction, seed) and a resumed run
+        holds out the same rows. At least one row is always left to train on.
+        """
+        if self.eval_fraction == 0:
+            return list(range(n_rows)), []
+        n_eval = min(n_rows - 1, math.ceil(self.eval_fraction * n_rows))
+        if n_eval < 1:
+            raise ValueError(f"eval_fraction={self.eval_fraction} needs at least 2 rows to hold one out; got {n_rows}")
+        held = set(random.Random(f"emlib eval split {self.seed}").sample(range(n_rows), n_eval))
+        return [i for i in range(n_rows) if i not in held], sorted(held)
+
     def total_steps(self, n_rows: int, n_processes: int = 1) -> int:
-        """Optimizer steps of the run: ``steps``, else ``epochs`` over ``n_rows`` at the global batch size."""
+        """Optimizer steps of the run: ``steps``, else ``epochs`` over ``n_rows`` (the training rows, after the held-out
+        split) at the global batch size."""
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(self.epochs * n_rows / (self.batch_size * self.grad_accum * n_processes)))
