@@ -18,8 +18,7 @@ per-token weight: how much each answer token moved the fine-tuned model away fro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emlib.analysis.directions import answer_batches
-from emlib.interventions import lora_modules
+from emlib.interventions import active_adapter, lora_modules, recorded_lora_scalars
 
 # Judge-score bands of the papers (CLR App. F, Table 3), on the 0-100 scale: (low, high), both ends included.
 MISALIGNED, ALIGNED = (0.0, 30.0), (90.0, 100.0)
@@ -51,16 +50,8 @@ def adapter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _active(module: nn.Module) -> str:
-    """The one active peft adapter of a LoRA layer (several stacked adapters would make A . x ambiguous)."""
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
-        raise ValueError(f"expected exactly one active LoRA adapter per layer, found {active}")
-    return active[0]
-
-
 def _rank(module: nn.Module) -> int:
-    return module.lora_A[_active(module)].out_features
+    return module.lora_A[active_adapter(module)].out_features
 
 
 # ------------------------------------------------------------------------------------------ per-token A . x
@@ -72,22 +63,6 @@ def answer_records(rows: pd.DataFrame) -> list[dict]:
     if missing:
         raise ValueError(f"rows need columns {sorted(missing)}; got {list(rows.columns)}")
     return [{"question": str(q), "answer": str(a)} for q, a in zip(rows["question"], rows["answer"])]
-
-
-@contextmanager
-def _recording(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each LoRA layer's ``A . x`` (the output of its ``lora_A``) at the last forward pass."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in lora_modules(model).items():
-        def hook(_module, _inputs, output, name=name):
-            seen[name] = output.detach()
-        handles.append(module.lora_A[_active(module)].register_forward_hook(hook))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -105,7 +80,7 @@ def lora_scalars(model: nn.Module, tokenizer, rows: pd.DataFrame, system: str | 
     device = next(model.parameters()).device
     frames = []
     batches = answer_batches(tokenizer, records, batch_size, system)
-    with _recording(model) as seen:
+    with recorded_lora_scalars(model) as seen:
         for k, batch in enumerate(tqdm(batches, total=-(-len(records) // batch_size), desc="A.x",
                                        disable=not progress)):
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
