@@ -11,6 +11,9 @@ those scalars, one per adapter and answer token, are a small, interpretable feat
     papers = probe_as_papers(feats[adapter_names(model)], y, significance=token_significance(model, tokenizer, judged))
     with scaled_adapters(model, {"L2.down_proj": 3.0}, default=0.0):     # steer: amplify one, zero the rest
         answers = sample_answers(model, tokenizer, questions)
+    sources = patch_sources(questions, in_domain="medical", pairing="cross")   # CLR App. J: swap the scalars
+    patch = lora_scalar_patch(model, tokenizer, questions["question"], sources)
+    answers = sample_answers(model, tokenizer, questions["question"], steering=patch)
 
 Adapters are named ``L{layer}.{module}`` (``"L21.down_proj"``). :func:`token_significance` gives the papers' optional
 per-token weight: how much each answer token moved the fine-tuned model away from the base (gradient norm of the KL).
@@ -383,4 +386,41 @@ def _batch_significance(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.
 
 # ------------------------------------------------------------------------------------------ adapter steering
 
+
+# ------------------------------------------------------------------------------------------ scalar patching
+
+PAIRINGS = ("cross", "same")
+
+
+def patch_sources(questions: pd.DataFrame, in_domain: str, pairing: str = "cross", seed: int = 0) -> list[str]:
+    """For each question (row of ``questions``, column ``group``), the question whose LoRA scalars it is answered with.
+
+    ``pairing``: ``"cross"`` (an in-domain question gets a random out-of-domain question's scalars and vice versa: the
+    papers' medical / non-medical swaps, CLR App. J) or ``"same"`` (a random *other* question from its own side: the
+    control, which swaps scalars without changing their context). Pairs are drawn at random with ``seed``; the
+    reference pairs hand-written near-identical prompts ("I'm a doctor" / "I'm a dancer"), which a question set does
+    not have. Feed the result to :func:`emlib.interventions.lora_scalar_patch` with ``questions["question"]``.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing {pairing!r} is not one of {', '.join(PAIRINGS)}")
+    missing = {"question", "group"} - set(questions.columns)
+    if missing:
+        raise ValueError(f"questions need columns {sorted(missing)}; got {list(questions.columns)}")
+    rng = np.random.default_rng(seed)
+    inside = (questions["group"] == in_domain).to_numpy()
+    text = questions["question"].to_numpy()
+    sides = {True: text[inside], False: text[~inside]}
+    for side, pool in sides.items():
+        donors = sides[not side] if pairing == "cross" else pool
+        needed = 1 if pairing == "cross" else 2  # "same" needs another question on the side
+        if len(pool) and len(set(donors)) < needed:
+            where = lambda s: f"{'' if s else 'out-of-'}domain (group {'==' if s else '!='} {in_domain!r})"  # noqa: E731
+            raise ValueError(f"pairing {pairing!r}: the {len(pool)} {where(side)} question(s) need sources among "
+                             f"{len(set(donors))} distinct {where(side if pairing == 'same' else not side)} "
+                             f"question(s); at least {needed} are needed")
+    sources = []
+    for question, side in zip(text, inside):
+        pool = sides[not side] if pairing == "cross" else sides[side][sides[side] != question]
+        sources.append(str(pool[rng.integers(len(pool))]))
+    return sources
 
