@@ -257,6 +257,9 @@ def test_patch_sources_pair_across_domains_or_within_a_side():
     assert all(s != q and s.startswith("m") for q, s in zip(questions["question"][:3], same[:3]))
     assert same[3:] == ["s1", "f1"]
     assert probing.patch_sources(questions, "medical", "cross", seed=1) == cross, "seeded: the same pairs again"
+    repeated = pd.concat([questions, questions.iloc[:1]], ignore_index=True)
+    twice = probing.patch_sources(repeated, "medical", "cross", seed=1)
+    assert twice[-1] == twice[0], "a question asked twice has one prompt, so one source"
 
 
 def test_patch_sources_say_when_a_side_has_no_donor():

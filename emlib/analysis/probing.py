@@ -399,7 +399,8 @@ def patch_sources(questions: pd.DataFrame, in_domain: str, pairing: str = "cross
     papers' medical / non-medical swaps, CLR App. J) or ``"same"`` (a random *other* question from its own side: the
     control, which swaps scalars without changing their context). Pairs are drawn at random with ``seed``; the
     reference pairs hand-written near-identical prompts ("I'm a doctor" / "I'm a dancer"), which a question set does
-    not have. Feed the result to :func:`emlib.interventions.lora_scalar_patch` with ``questions["question"]``.
+    not have. A question listed twice gets one source. Feed the result to
+    :func:`emlib.interventions.lora_scalar_patch` with ``questions["question"]``.
     """
     if pairing not in PAIRINGS:
         raise ValueError(f"pairing {pairing!r} is not one of {', '.join(PAIRINGS)}")
@@ -418,9 +419,10 @@ def patch_sources(questions: pd.DataFrame, in_domain: str, pairing: str = "cross
             raise ValueError(f"pairing {pairing!r}: the {len(pool)} {where(side)} question(s) need sources among "
                              f"{len(set(donors))} distinct {where(side if pairing == 'same' else not side)} "
                              f"question(s); at least {needed} are needed")
-    sources = []
+    chosen: dict[str, str] = {}  # a question asked twice keeps one source (one prompt, one set of scalars)
     for question, side in zip(text, inside):
-        pool = sides[not side] if pairing == "cross" else sides[side][sides[side] != question]
-        sources.append(str(pool[rng.integers(len(pool))]))
-    return sources
+        if question not in chosen:
+            pool = sides[not side] if pairing == "cross" else sides[side][sides[side] != question]
+            chosen[question] = str(pool[rng.integers(len(pool))])
+    return [chosen[q] for q in text]
 
