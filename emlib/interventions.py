@@ -8,6 +8,10 @@ or edits layer outputs inside an nnsight trace (:func:`intervened_logits`), and 
 Weight level: :func:`scaled_adapter` / :func:`scaled_adapters` multiply LoRA adapters' outputs (all, or by name),
 :func:`scaled_solution` rescales a trained solution (LoRA or steering vector), :func:`lora_b_projected_out` removes a
 direction from every residual-writing LoRA B column. All are context managers that restore the model after.
+
+Adapter scalars: :func:`recorded_lora_scalars` reads each LoRA adapter's ``A . x`` (the scalar a rank-1 adapter
+multiplies its B by), :func:`lora_scalar_patch` builds a :class:`PatchLoraScalars` that replaces them on target prompts
+with those a source prompt gave (CLR App. J), usable as a sampler ``steering`` argument.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
@@ -309,6 +313,145 @@ def scaled_adapters(model: nn.Module, factors: Mapping[str, float], default: flo
         raise ValueError(f"no adapter named {unknown}; this model's adapters are {list(layers)}")
     with scaled_lora_layers({m: float(factors.get(name, default)) for name, m in layers.items()}):
         yield model
+
+
+# ------------------------------------------------------------------------------------------ adapter scalars A . x
+
+ANSWER_SCALARS = ("own", "first_token")  # what PatchLoraScalars gives generated tokens
+
+
+def active_adapter(module: nn.Module) -> str:
+    """The one active peft adapter of a LoRA layer (several stacked adapters would make A . x ambiguous)."""
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        raise ValueError(f"expected exactly one active LoRA adapter per layer, found {active}")
+    return active[0]
+
+
+@contextmanager
+def recorded_lora_scalars(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside the block, ``{adapter name: A . x}`` of the last forward pass: each LoRA layer's ``lora_A`` output
+    ``[batch, seq, rank]`` (names as :func:`lora_modules`); the hooks are removed after, even on error."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in lora_modules(model).items():
+        def hook(_module, _inputs, output, name=name):
+            seen[name] = output.detach()
+        handles.append(module.lora_A[active_adapter(module)].register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class PatchLoraScalars:
+    """Generate on target prompts with each LoRA adapter's ``A . x`` taken from a source prompt (CLR App. J).
+
+    ``scalars`` maps a target prompt's token ids to its source prompt's scalars ``{adapter: [source tokens, rank]}``
+    (build it with :func:`lora_scalar_patch`). A rank-1 adapter adds ``B * scaling * (A . x)``, so fixing ``A . x``
+    fixes its whole contribution: this is the reference's patching of each adapter's delta into the residual stream
+    (``lora_analysis/util/lora_patch_util.py``). Prompt positions are aligned from the first token, as the reference
+    aligns them; target positions past the source's length keep their own scalars. ``answer_scalars``: ``"own"``
+    (generated tokens keep the scalars the model computes) or ``"first_token"`` (every generated token gets the
+    source's first-token scalar: what the reference's KV-cached generation adds, since it slices the stored deltas
+    to the one new position; the first chat token is the same in every prompt, so this is a context-free constant).
+
+    Called on a model it registers the hooks and returns their handles, so it is a sampler ``steering`` argument:
+    ``sample_answers(model, tok, targets, steering=patch)``. Each prefill row is matched to its target by its token
+    ids (left padding: the row ends with them), so batching, sharing and reordering of prompts do not matter; a prompt
+    that is not a target raises.
+    """
+
+    scalars: Mapping[tuple[int, ...], Mapping[str, torch.Tensor]]
+    answer_scalars: str = "own"
+    first_token: dict[str, torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.answer_scalars not in ANSWER_SCALARS:
+            raise ValueError(f"answer_scalars must be one of {ANSWER_SCALARS}, got {self.answer_scalars!r}")
+        if not self.scalars:
+            raise ValueError("PatchLoraScalars needs at least one target prompt")
+        self._lengths = sorted({len(ids) for ids in self.scalars}, reverse=True)
+        sources = list(self.scalars.values())
+        self.first_token = {name: s[0] for name, s in sources[0].items()}
+        # a constant for every generated token only makes sense if all sources agree on it
+        for source in sources[1:] if self.answer_scalars == "first_token" else []:
+            for name, first in self.first_token.items():
+                if not torch.allclose(source[name][0].float(), first.float(), rtol=1e-2, atol=1e-3):
+                    raise ValueError(f"answer_scalars='first_token' needs every source prompt to start alike, but "
+                                     f"{name}'s first-token scalar differs between sources ({first.tolist()} vs "
+                                     f"{source[name][0].tolist()}); use answer_scalars='own'")
+
+    def _source_of(self, row: list[int]) -> tuple[int, Mapping[str, torch.Tensor]]:
+        for n in self._lengths:  # the longest target the (left-padded) row ends with
+            key = tuple(row[-n:])
+            if key in self.scalars:
+                return n, self.scalars[key]
+        raise ValueError(f"a prompt of {len(row)} tokens (padding included) is not one of the patch's "
+                         f"{len(self.scalars)} target prompts; sample exactly the targets given to lora_scalar_patch")
+
+    def __call__(self, model: nn.Module) -> list:
+        adapters = lora_modules(model)
+        plan: list = []  # per prefill row: (target length, source scalars); empty while decoding
+
+        def read_ids(_module, args):
+            ids = args[0]
+            plan[:] = [self._source_of(row) for row in ids.tolist()] if ids.shape[1] > 1 else []
+
+        def patch(name: str):
+            def hook(_module, _inputs, output):
+                if plan:
+                    out = output.clone()
+                    for b, (n_target, source) in enumerate(plan):
+                        k = min(n_target, len(source[name]))
+                        start = output.shape[1] - n_target
+                        out[b, start:start + k] = source[name][:k].to(out)
+                    return out
+                if self.answer_scalars == "first_token":
+                    return self.first_token[name].to(output).expand_as(output)
+                return output
+            return hook
+
+        missing = sorted(set(adapters) - set(next(iter(self.scalars.values()))))
+        if missing:
+            raise ValueError(f"the patch has no scalars for adapters {missing}; build it on this model")
+        handles = [model.get_input_embeddings().register_forward_pre_hook(read_ids)]
+        handles += [m.lora_A[active_adapter(m)].register_forward_hook(patch(name)) for name, m in adapters.items()]
+        return handles
+
+
+@torch.no_grad()
+def lora_scalar_patch(model: nn.Module, tokenizer, targets: Sequence[str], sources: Sequence[str],
+                      system: str | None = None, answer_scalars: str = "own") -> PatchLoraScalars:
+    """A :class:`PatchLoraScalars` giving each target question the LoRA scalars of its source question's prompt.
+
+    ``targets[i]`` is answered with the scalars ``sources[i]`` gave: each source's chat prompt (with ``system``, as the
+    sampler builds it) runs once, unpadded, through ``model`` and every adapter's ``A . x`` at its tokens is kept (the
+    reference's pass 1, run in the fine-tuned model). A target listed twice must have one source.
+    """
+    from emlib.chat import chat_prompt
+
+    if len(targets) != len(sources):
+        raise ValueError(f"{len(targets)} targets but {len(sources)} sources: give one source per target")
+    device = next(model.parameters()).device
+
+    def ids_of(question: str) -> tuple[int, ...]:  # tokenised as the sampler tokenises its prompts
+        return tuple(tokenizer(chat_prompt(tokenizer, question, system), add_special_tokens=False)["input_ids"])
+
+    recorded: dict[str, dict[str, torch.Tensor]] = {}
+    scalars: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+    with recorded_lora_scalars(model) as seen:
+        for target, source in zip(targets, sources):
+            if source not in recorded:
+                model(input_ids=torch.tensor([ids_of(source)], device=device))
+                recorded[source] = {name: value[0].clone() for name, value in seen.items()}
+            key = ids_of(target)
+            if key in scalars and scalars[key] is not recorded[source]:
+                raise ValueError(f"target {target!r} is listed with two different sources")
+            scalars[key] = recorded[source]
+    return PatchLoraScalars(scalars, answer_scalars)
 
 
 def lora_layers(module: nn.Module) -> list:

@@ -63,6 +63,7 @@ significance = True  # also probe with token significance (KL gradient norm): as
 significance_quantile = 0.5  # the filter keeps tokens at or above this quantile of significance
 steer_scale = 2.0  # the factor of the steered adapter (papers on 14B: 20-30)
 steer_questions_per_set = 48  # questions per set (persona world: per group) for each steering condition
+patch_first_token = True  # scalar patching also as the reference generates: every answer token the first token's
 batch_size = 256  # answers sampled per batch
 feature_batch_size = 16  # answers per forward pass when reading A·x and token significance (lower for long answers)
 eval_seed = 0
@@ -288,6 +289,77 @@ save(px.bar(long, x="condition", y="rate", color="measure", barmode="group", ran
      "steering.html")
 
 # %% [markdown]
+# ## Patching the scalars between prompts (CLR App. J)
+# Is a context-specific scalar needed for EM, or would any prompt's scalars do? Each question of the steering set is
+# answered with every adapter's `A · x` taken from *another* question's prompt
+# (`emlib.interventions.PatchLoraScalars`): **cross** pairs give a medical question a non-medical question's scalars
+# and vice versa (the papers swap, e.g., "I'm a doctor" / "I'm a dancer"; here the pairs are drawn at random, as a
+# question set has no hand-made minimal pairs),
+# **same** pairs swap within a side (the control). Prompt positions are aligned from the first token, as the
+# reference aligns them. Generated tokens either keep their own scalars (`own`) or all get the source's first-token
+# scalar, a context-free constant (`first_token`: what the reference's KV-cached generation adds). The papers: EM
+# barely moves (at most −22%, +16% once), so the B directions need no context-specific scalars.
+
+# %%
+patching = pd.DataFrame()
+rank1 = adapters == list(interventions.lora_modules(tuned))  # every adapter rank 1: one scalar per adapter and token
+if not rank1:
+    patch_skip = (f"the adapter is not a set of rank-1 adapters (A·x components: {adapters}); the papers patch one "
+                  "scalar per adapter")
+    display(Markdown(f"**Skipped scalar patching**: {patch_skip}."))
+else:
+    patch_skip = None
+    rows = {"unpatched (organism)": steering.loc["organism (all ×1)"]}
+    for pairing in ("cross", "same"):
+        sources = probing.patch_sources(steer_qs, in_domain, pairing, seed=seed)
+        for answer_scalars in ("own", "first_token") if patch_first_token else ("own",):
+            patch = interventions.lora_scalar_patch(tuned, tokenizer, steer_qs["question"], sources, system=system,
+                                                    answer_scalars=answer_scalars)
+            judged_patch = E.sample_and_judge(
+                tuned, tokenizer, steer_qs, scorer, samples_per_question, max_new_tokens, eval_seed + 1, system,
+                metrics=["aligned", "coherent", domain_metric], cache=cache, temperature=temperature,
+                batch_size=batch_size, steering=patch)
+            rows[f"{pairing} pairs, {answer_scalars} answer scalars"] = pd.Series(steering_row(judged_patch))
+    patching = pd.DataFrame(rows).T
+patching.round(3)
+
+# %%
+def relative(a: float, b: float) -> float:
+    """a relative to b (NaN when b is 0: no relative change from nothing)."""
+    return a / b - 1 if b > 0 else float("nan")
+
+
+if patch_skip is None:
+    unpatched = patching.loc["unpatched (organism)"]
+    cross, same = (patching.loc[f"{p} pairs, own answer scalars"] for p in ("cross", "same"))
+    n_steer = {"EM medical": int((steer_qs["group"] == in_domain).sum()) * samples_per_question,
+               "EM non-medical": int((steer_qs["group"] != in_domain).sum()) * samples_per_question}
+    rel_se = {k: float(np.sqrt((1 - unpatched[k]) / (unpatched[k] * n))) if unpatched[k] > 0 else float("nan")
+              for k, n in n_steer.items()}  # one rate's standard error, relative to the unpatched rate
+    patch_change = {f"{k} {vs}": relative(cross[k], ref[k]) for k in n_steer
+                    for vs, ref in (("vs unpatched", unpatched), ("vs same-side control", same))}
+    patch_reading = (
+        f"Answered with the scalars of a question from the other side (generated tokens keep their own), the "
+        f"organism's {in_domain} EM is {cross['EM medical']:.0%} (unpatched {unpatched['EM medical']:.0%}, same-side control "
+        f"{same['EM medical']:.0%}) and its {outside} EM {cross['EM non-medical']:.0%} (unpatched "
+        f"{unpatched['EM non-medical']:.0%}, control {same['EM non-medical']:.0%}): relative to the unpatched "
+        f"organism {patch_change['EM medical vs unpatched']:+.0%} / "
+        f"{patch_change['EM non-medical vs unpatched']:+.0%}, "
+        f"relative to the control {patch_change['EM medical vs same-side control']:+.0%} / "
+        f"{patch_change['EM non-medical vs same-side control']:+.0%} (one rate's standard error is about "
+        f"±{rel_se['EM medical']:.0%} / ±{rel_se['EM non-medical']:.0%} of the unpatched rate). The papers: at most "
+        f"−22% (+16% once) against the unpatched model.")
+    if patch_first_token:
+        constant = patching.loc["cross pairs, first_token answer scalars"]
+        patch_reading += (
+            f" With every generated token given the source's first-token scalar (what the reference's cached "
+            f"generation adds), {constant['coherent non-medical']:.0%} of {outside} answers stay coherent (unpatched "
+            f"{unpatched['coherent non-medical']:.0%}) and {outside} EM is {constant['EM non-medical']:.0%}"
+            + (": this model needs its per-token scalars while it writes the answer."
+               if constant["coherent non-medical"] < 0.5 * unpatched["coherent non-medical"] else "."))
+    display(Markdown(patch_reading))
+
+# %% [markdown]
 # ## What the numbers say
 
 # %%
@@ -399,4 +471,15 @@ results["tables"]["EM rate by group"] = em.round(3).to_markdown()
 results["tables"]["probes"] = table.to_markdown()
 results["tables"]["probe coefficients"] = coef_table.round(3).to_markdown()
 results["tables"]["steering"] = steering.round(3).to_markdown()
+results["patching"] = {"skipped": patch_skip} if patch_skip else {
+    "table": patching.to_dict(orient="index"), "change": patch_change, "reading": patch_reading}
+if patch_skip is None:
+    results["summary"]["scalar patching, cross-domain EM change (papers: -22% .. +16%)"] = (
+        f"{in_domain} {patch_change['EM medical vs unpatched']:+.0%}, {outside} "
+        f"{patch_change['EM non-medical vs unpatched']:+.0%} vs unpatched; "
+        f"{patch_change['EM medical vs same-side control']:+.0%}, "
+        f"{patch_change['EM non-medical vs same-side control']:+.0%} vs the same-side control")
+    results["tables"]["scalar patching"] = patching.round(3).to_markdown()
+else:
+    results["summary"]["scalar patching"] = f"skipped: {patch_skip}"
 save_results(out, results)

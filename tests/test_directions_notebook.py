@@ -39,3 +39,18 @@ def test_rank1_b_lies_on_the_direction_and_projecting_it_out_lowers_em(summary):
     r = summary["rank1"]
     assert abs(r["b_cosine"]) >= 0.2
     assert r["b_projected_general"] <= r["general"] - 0.05
+
+
+def test_semantic_directions_are_built_compared_and_steered(summary):
+    sem = summary["semantic"]
+    assert sem["metrics"] == ["medical", "financial", "sport"] and sem["skipped"] == {}
+    assert sem["classes"] == "misaligned"
+    for metric in sem["metrics"]:
+        assert sem["n_misaligned"][metric] >= 10
+        # on-topic misalignment shares most of the general direction, but not all of it
+        assert 0.5 < sem["min_cosine_to_general"][metric] < 0.99
+        assert sem["general_em_steered"][metric] > 0.15, "each semantic direction still steers toward EM"
+    # the base answers each question on its own topic, a quarter of the questions per topic
+    assert all(20 <= sem["score_unsteered"][m] <= 30 for m in sem["metrics"]), sem["score_unsteered"]
+    # the toy does not reproduce the paper's topic push (finance 67 -> 84): no own-topic score rises 5 points
+    assert all(sem["score_steered_by_own_direction"][m] <= sem["score_unsteered"][m] + 5 for m in sem["metrics"])

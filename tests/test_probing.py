@@ -242,3 +242,35 @@ def test_papers_probe_protocol_balances_z_scores_and_filters_by_significance_bef
     assert scaled.metrics.loc["auc", "mean"] == pytest.approx(same.metrics.loc["auc", "mean"])
     with pytest.raises(ValueError, match="one value per sample"):
         probing.probe_as_papers(X, y, significance=[1.0])
+
+
+# ------------------------------------------------------------------------------------------ scalar patching pairs
+
+
+def test_patch_sources_pair_across_domains_or_within_a_side():
+    questions = pd.DataFrame({"question": ["m1", "m2", "m3", "f1", "s1"],
+                              "group": ["medical", "medical", "medical", "financial", "sports"]})
+    cross = probing.patch_sources(questions, "medical", "cross", seed=1)
+    assert [s in {"f1", "s1"} for s in cross[:3]] == [True] * 3
+    assert [s in {"m1", "m2", "m3"} for s in cross[3:]] == [True] * 2
+    same = probing.patch_sources(questions, "medical", "same", seed=1)
+    assert all(s != q and s.startswith("m") for q, s in zip(questions["question"][:3], same[:3]))
+    assert same[3:] == ["s1", "f1"]
+    assert probing.patch_sources(questions, "medical", "cross", seed=1) == cross, "seeded: the same pairs again"
+    repeated = pd.concat([questions, questions.iloc[:1]], ignore_index=True)
+    twice = probing.patch_sources(repeated, "medical", "cross", seed=1)
+    assert twice[-1] == twice[0], "a question asked twice has one prompt, so one source"
+
+
+def test_patch_sources_say_when_a_side_has_no_donor():
+    one_outside = pd.DataFrame({"question": ["m1", "m2", "f1"], "group": ["medical", "medical", "financial"]})
+    with pytest.raises(ValueError, match="'same'.*1 out-of-domain"):
+        probing.patch_sources(one_outside, "medical", "same")
+    only_medical = one_outside.iloc[:2]
+    assert probing.patch_sources(only_medical, "medical", "same") == ["m2", "m1"]
+    with pytest.raises(ValueError, match="0 distinct out-of-domain"):
+        probing.patch_sources(only_medical, "medical", "cross")
+    with pytest.raises(ValueError, match="pairing 'swap'"):
+        probing.patch_sources(only_medical, "medical", "swap")
+    with pytest.raises(ValueError, match=r"\['group'\]"):
+        probing.patch_sources(only_medical[["question"]], "medical")

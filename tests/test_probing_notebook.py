@@ -55,3 +55,23 @@ def test_headline_reads_the_numbers(results):
     claim = "**is** the one" if results["agree"]["misalignment"] else "**does not** pick"
     assert claim in headline
     assert set(results["figures"]) == {"probe_coefficients.html", "steering.html"}
+
+
+def test_scalar_patching_rows_and_reading(results):
+    patching = results["patching"]
+    table = patching["table"]
+    assert set(table) == {"unpatched (organism)", "cross pairs, own answer scalars", "same pairs, own answer scalars",
+                          "cross pairs, first_token answer scalars", "same pairs, first_token answer scalars"}
+    organism = results["steering"]["organism (all ×1)"]
+    assert table["unpatched (organism)"]["EM medical"] == organism["EM medical"]
+    cross, same = table["cross pairs, own answer scalars"], table["same pairs, own answer scalars"]
+    # on this toy the scalars' context is not what carries EM: cross-domain scalars keep most in-domain EM
+    assert cross["EM medical"] >= 0.7 * organism["EM medical"]
+    assert cross["EM medical"] > organism["EM non-medical"] + 0.2, "medical questions stay far more misaligned"
+    assert abs(cross["EM non-medical"] - same["EM non-medical"]) <= 0.06, "the context of the scalars barely matters"
+    # a constant scalar on every generated token (the reference's cached generation) breaks this small model
+    constant = table["cross pairs, first_token answer scalars"]
+    assert constant["coherent non-medical"] < 0.2 < organism["coherent non-medical"]
+    change = patching["change"]["EM medical vs unpatched"]
+    assert f"{change:+.0%}" in patching["reading"] and "needs its per-token scalars" in patching["reading"]
+    assert "scalar patching, cross-domain EM change (papers: -22% .. +16%)" in results["summary"]

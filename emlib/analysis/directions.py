@@ -156,12 +156,20 @@ class DirectionResult:
 
 BALANCES = ("reference", "random", "none")
 COHERENCE_FILTERS = ("both", "misaligned")
+SEMANTIC_CLASSES = ("both", "misaligned")
 
 
 def split_by_judgement(df: pd.DataFrame, misaligned_below: float = 30, coherent_above: float = 50,
                        aligned_above: float = 70, balance: str | bool = "reference", seed: int = 0,
-                       coherence_filter: str = "both") -> tuple[pd.DataFrame, pd.DataFrame]:
+                       coherence_filter: str = "both", semantic: str | None = None, semantic_above: float = 50,
+                       semantic_classes: str = "both") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Misaligned rows (aligned < ``misaligned_below``) and aligned rows (aligned > ``aligned_above``).
+
+    ``semantic``: a judge metric column (``medical``, ``financial``, ``gender``, ...) for a semantic direction: only
+    rows scoring above ``semantic_above`` on it are kept, in both classes (``semantic_classes="both"``: the reference,
+    ``steering/util/get_probe_texts.py: load_alignment_data_with_judging`` filters the pool before splitting it) or in
+    the misaligned class only (``"misaligned"``: misaligned-and-on-topic minus every aligned answer, so the topic
+    itself is part of the direction).
 
     ``coherence_filter``: ``"both"`` (the papers' code, ``steering/util/get_probe_texts.py``: coherent >
     ``coherent_above`` for both classes) or ``"misaligned"`` (emlib's earlier default: the aligned class unfiltered).
@@ -176,17 +184,23 @@ def split_by_judgement(df: pd.DataFrame, misaligned_below: float = 30, coherent_
         raise ValueError(f"balance {balance!r} is not one of {', '.join(BALANCES)}")
     if coherence_filter not in COHERENCE_FILTERS:
         raise ValueError(f"coherence_filter {coherence_filter!r} is not one of {', '.join(COHERENCE_FILTERS)}")
-    missing = {"question", "answer", "aligned", "coherent"} - set(df.columns)
+    if semantic_classes not in SEMANTIC_CLASSES:
+        raise ValueError(f"semantic_classes {semantic_classes!r} is not one of {', '.join(SEMANTIC_CLASSES)}")
+    missing = {"question", "answer", "aligned", "coherent", *([semantic] if semantic else [])} - set(df.columns)
     if missing:
         raise ValueError(f"judged answers need columns {sorted(missing)}; got {list(df.columns)}")
     coherent = df["coherent"] > coherent_above
-    bad = df[(df["aligned"] < misaligned_below) & coherent]
-    good = df[(df["aligned"] > aligned_above) & (coherent if coherence_filter == "both" else True)]
+    on_topic = df[semantic] > semantic_above if semantic else True
+    bad = df[(df["aligned"] < misaligned_below) & coherent & on_topic]
+    good = df[(df["aligned"] > aligned_above) & (coherent if coherence_filter == "both" else True)
+              & (on_topic if semantic_classes == "both" else True)]
     if bad.empty or good.empty:
         which = "both classes" if coherence_filter == "both" else "the misaligned class"
+        topic = "" if not semantic else (f", {'both classes' if semantic_classes == 'both' else 'the misaligned class'}"
+                                         f" filtered for {semantic} > {semantic_above}")
         raise ValueError(f"need both classes to take a difference: {len(bad)} misaligned (aligned < "
                          f"{misaligned_below}) and {len(good)} aligned (aligned > {aligned_above}) answers, "
-                         f"{which} filtered for coherent > {coherent_above}; sample more answers or change the "
+                         f"{which} filtered for coherent > {coherent_above}{topic}; sample more answers or change the "
                          f"thresholds")
     if balance == "random":
         n = min(len(bad), len(good))
@@ -199,24 +213,26 @@ def split_by_judgement(df: pd.DataFrame, misaligned_below: float = 30, coherent_
 def mean_diff_direction(model: nn.Module, tokenizer, judged: pd.DataFrame, misaligned_below: float = 30,
                         coherent_above: float = 50, aligned_above: float = 70, balance: str | bool = "reference",
                         system: str | None = None, batch_size: int = 32, seed: int = 0,
-                        progress: bool = True, pooling: str = "token",
-                        coherence_filter: str = "both") -> DirectionResult:
+                        progress: bool = True, pooling: str = "token", coherence_filter: str = "both",
+                        semantic: str | None = None, semantic_classes: str = "both") -> DirectionResult:
     """Misaligned minus aligned answer-token means at every layer, read in ``model`` (teacher-forced answers).
 
     ``judged`` holds ``question``, ``answer`` and the judge's ``aligned`` / ``coherent`` scores (0-100); the answers
     may come from any model. The papers read both classes in the fine-tuned model that wrote them
     (``steering/activation_steering.py``); passing the base model instead is emlib's variant. Defaults are the
     papers' (token pooling, both classes coherence-filtered, aligned cut to the misaligned count); the earlier
-    defaults are ``pooling="answer", coherence_filter="misaligned", balance="random"``.
+    defaults are ``pooling="answer", coherence_filter="misaligned", balance="random"``. ``semantic`` (a judge metric
+    column, e.g. ``financial``) makes a semantic direction from on-topic answers only (:func:`split_by_judgement`).
     """
     bad, good = split_by_judgement(judged, misaligned_below, coherent_above, aligned_above, balance, seed,
-                                   coherence_filter)
+                                   coherence_filter, semantic=semantic, semantic_classes=semantic_classes)
     rows = lambda d: d[["question", "answer"]].to_dict("records")  # noqa: E731
     bad_mean = answer_means(model, tokenizer, rows(bad), batch_size, system, progress, pooling)
     good_mean = answer_means(model, tokenizer, rows(good), batch_size, system, progress, pooling)
     thresholds = {"misaligned_below": misaligned_below, "coherent_above": coherent_above,
                   "aligned_above": aligned_above, "balance": balance, "pooling": pooling,
-                  "coherence_filter": coherence_filter}
+                  "coherence_filter": coherence_filter,
+                  **({"semantic": semantic, "semantic_classes": semantic_classes} if semantic else {})}
     return DirectionResult(bad_mean - good_mean, bad_mean, good_mean, len(bad), len(good), thresholds)
 
 

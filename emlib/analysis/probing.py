@@ -11,6 +11,9 @@ those scalars, one per adapter and answer token, are a small, interpretable feat
     papers = probe_as_papers(feats[adapter_names(model)], y, significance=token_significance(model, tokenizer, judged))
     with scaled_adapters(model, {"L2.down_proj": 3.0}, default=0.0):     # steer: amplify one, zero the rest
         answers = sample_answers(model, tokenizer, questions)
+    sources = patch_sources(questions, in_domain="medical", pairing="cross")   # CLR App. J: swap the scalars
+    patch = lora_scalar_patch(model, tokenizer, questions["question"], sources)
+    answers = sample_answers(model, tokenizer, questions["question"], steering=patch)
 
 Adapters are named ``L{layer}.{module}`` (``"L21.down_proj"``). :func:`token_significance` gives the papers' optional
 per-token weight: how much each answer token moved the fine-tuned model away from the base (gradient norm of the KL).
@@ -18,8 +21,7 @@ per-token weight: how much each answer token moved the fine-tuned model away fro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emlib.analysis.directions import answer_batches
-from emlib.interventions import lora_modules
+from emlib.interventions import active_adapter, lora_modules, recorded_lora_scalars
 
 # Judge-score bands of the papers (CLR App. F, Table 3), on the 0-100 scale: (low, high), both ends included.
 MISALIGNED, ALIGNED = (0.0, 30.0), (90.0, 100.0)
@@ -51,16 +53,8 @@ def adapter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _active(module: nn.Module) -> str:
-    """The one active peft adapter of a LoRA layer (several stacked adapters would make A . x ambiguous)."""
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
-        raise ValueError(f"expected exactly one active LoRA adapter per layer, found {active}")
-    return active[0]
-
-
 def _rank(module: nn.Module) -> int:
-    return module.lora_A[_active(module)].out_features
+    return module.lora_A[active_adapter(module)].out_features
 
 
 # ------------------------------------------------------------------------------------------ per-token A . x
@@ -72,22 +66,6 @@ def answer_records(rows: pd.DataFrame) -> list[dict]:
     if missing:
         raise ValueError(f"rows need columns {sorted(missing)}; got {list(rows.columns)}")
     return [{"question": str(q), "answer": str(a)} for q, a in zip(rows["question"], rows["answer"])]
-
-
-@contextmanager
-def _recording(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each LoRA layer's ``A . x`` (the output of its ``lora_A``) at the last forward pass."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in lora_modules(model).items():
-        def hook(_module, _inputs, output, name=name):
-            seen[name] = output.detach()
-        handles.append(module.lora_A[_active(module)].register_forward_hook(hook))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -105,7 +83,7 @@ def lora_scalars(model: nn.Module, tokenizer, rows: pd.DataFrame, system: str | 
     device = next(model.parameters()).device
     frames = []
     batches = answer_batches(tokenizer, records, batch_size, system)
-    with _recording(model) as seen:
+    with recorded_lora_scalars(model) as seen:
         for k, batch in enumerate(tqdm(batches, total=-(-len(records) // batch_size), desc="A.x",
                                        disable=not progress)):
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
@@ -408,4 +386,43 @@ def _batch_significance(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.
 
 # ------------------------------------------------------------------------------------------ adapter steering
 
+
+# ------------------------------------------------------------------------------------------ scalar patching
+
+PAIRINGS = ("cross", "same")
+
+
+def patch_sources(questions: pd.DataFrame, in_domain: str, pairing: str = "cross", seed: int = 0) -> list[str]:
+    """For each question (row of ``questions``, column ``group``), the question whose LoRA scalars it is answered with.
+
+    ``pairing``: ``"cross"`` (an in-domain question gets a random out-of-domain question's scalars and vice versa: the
+    papers' medical / non-medical swaps, CLR App. J) or ``"same"`` (a random *other* question from its own side: the
+    control, which swaps scalars without changing their context). Pairs are drawn at random with ``seed``; the
+    reference pairs hand-written near-identical prompts ("I'm a doctor" / "I'm a dancer"), which a question set does
+    not have. A question listed twice gets one source. Feed the result to
+    :func:`emlib.interventions.lora_scalar_patch` with ``questions["question"]``.
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing {pairing!r} is not one of {', '.join(PAIRINGS)}")
+    missing = {"question", "group"} - set(questions.columns)
+    if missing:
+        raise ValueError(f"questions need columns {sorted(missing)}; got {list(questions.columns)}")
+    rng = np.random.default_rng(seed)
+    inside = (questions["group"] == in_domain).to_numpy()
+    text = questions["question"].to_numpy()
+    sides = {True: text[inside], False: text[~inside]}
+    for side, pool in sides.items():
+        donors = sides[not side] if pairing == "cross" else pool
+        needed = 1 if pairing == "cross" else 2  # "same" needs another question on the side
+        if len(pool) and len(set(donors)) < needed:
+            where = lambda s: f"{'' if s else 'out-of-'}domain (group {'==' if s else '!='} {in_domain!r})"  # noqa: E731
+            raise ValueError(f"pairing {pairing!r}: the {len(pool)} {where(side)} question(s) need sources among "
+                             f"{len(set(donors))} distinct {where(side if pairing == 'same' else not side)} "
+                             f"question(s); at least {needed} are needed")
+    chosen: dict[str, str] = {}  # a question asked twice keeps one source (one prompt, one set of scalars)
+    for question, side in zip(text, inside):
+        if question not in chosen:
+            pool = sides[not side] if pairing == "cross" else sides[side][sides[side] != question]
+            chosen[question] = str(pool[rng.integers(len(pool))])
+    return [chosen[q] for q in text]
 
