@@ -164,16 +164,45 @@ def models(args) -> list[tuple[str, object, object, str | None, int, int, int]]:
     return out
 
 
+# cProfile entries (file suffix, function) whose cumulative time makes up each part of a sampling call
+PARTS = {
+    "attention (incl. KV cache writes)": [("generate.py", "attend"), ("sdpa_attention.py", "sdpa_attention_forward")],
+    "KV cache concatenation": [("cache_utils.py", "update")],
+    "mask building": [("masking_utils.py", "create_causal_mask")],
+    "sampling (top-k, penalty, softmax, draw)": [("generate.py", "sample_next"), ("generate.py", "penalize_repeats"),
+                                                 ("logits_process.py", "__call__"), ("", "<built-in method torch.multinomial>")],
+    "stopping checks": [("stopping_criteria.py", "__call__")],
+    "linear layers (q/k/v/o, MLP, lm_head)": [("", "<built-in method torch._C._nn.linear>")],
+}
+
+
+def _part_time(stats: dict, entries: list[tuple[str, str]]) -> float:
+    """Cumulative seconds of the matching functions, each counted only where no matching function called it."""
+    def matches(key) -> bool:
+        return any(key[0].endswith(suffix) and key[2] == func for suffix, func in entries)
+
+    return sum(v[3] for key, v in stats.items() if matches(key) and not any(matches(c) for c in v[4]))
+
+
 def profile(model, tok, label: str, questions: list[str], n: int, max_new_tokens: int, system: str | None) -> None:
-    """Print the top of a cProfile of one emlib call and one batched generate call (after a warm-up)."""
+    """Print each part's share of one emlib call and one batched generate call (cProfile, after a warm-up).
+
+    Parts are cumulative times of the functions in :data:`PARTS` (attention and linear layers do not overlap);
+    "other" is the rest: module calls, norms, rotary embeddings, prefill's own non-linear work, Python per step.
+    """
     ways = contenders(model, tok, questions, n, system)
+    shares = {}
     for name in (EMLIB, BATCHED):
         ways[name](99, 4)
         prof = cProfile.Profile()
-        start = time.perf_counter()
         prof.runcall(ways[name], 0, max_new_tokens)
-        print(f"\n## {label}: {name}: {time.perf_counter() - start:.2f} s")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, primitive calls, tottime, cumtime, _)
+        total = max(v[3] for v in stats.values())
+        parts = {part: _part_time(stats, entries) for part, entries in PARTS.items()}
+        parts["other (module calls, norms, rotary, Python per step)"] = total - sum(parts.values())
+        shares[f"{name.split(':')[0]} ({total:.2f} s)"] = {k: f"{v / total:.0%}" for k, v in parts.items()}
+    print(f"\n## {label}: {len(questions)} questions x {n} samples, {max_new_tokens} new tokens\n")
+    print(pd.DataFrame(shares).to_markdown())
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame | None:
