@@ -254,8 +254,7 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
 
 PROMPT_CACHE = "emlib_prompt_cache"  # the attention implementation's registered name
 _PROMPT_CACHES: dict[int, PromptCache] = {}  # id(config) -> the cache its attention layers read while decoding
-SHARE_FROM = 4  # rows per distinct prompt from which its keys may be kept once and shared
-SHARE_MIN_PROMPT = 96  # prompt tokens from which sharing beats one fused sdpa call per step over copied keys
+SHARE_FROM = 4  # rows per distinct prompt from which its keys are kept once and shared (fewer: copied per row)
 
 
 class PromptCache:
@@ -264,19 +263,18 @@ class PromptCache:
     transformers' ``DynamicCache`` copies the whole cache at every step (concatenation) and the model builds a mask
     each step; here new keys and values are written in place into buffers sized for ``max_new_tokens`` and the left
     padding is masked by a mask built once. Two layouts, both exact (sdpa over transformers' cache, same result).
-    Copied (default): each row's prompt keys copied once into its row of one buffer; one fused sdpa call per step.
-    Shared, for many rows (:data:`SHARE_FROM` per prompt) on long prompts (:data:`SHARE_MIN_PROMPT` tokens): each
-    prompt's keys kept once; a row's scores against its prompt's copy (one matmul for all rows of that prompt) and
-    against its own tokens share one softmax ("cascade" attention, as in vLLM and FlashInfer), so the prompt is read
-    once per step instead of once per row.
+    Shared, for n samples per question (at least :data:`SHARE_FROM` rows per prompt): each prompt's keys kept once;
+    a row's scores against its prompt's copy (one matmul for all rows of that prompt) and against its own tokens
+    share one softmax ("cascade" attention, as in vLLM and FlashInfer), so the prompt is read once per step instead
+    of once per row (organism, 8 x 25 rows: 0.78 s against 0.89 s for the copied layout). Copied, for fewer rows per
+    prompt: each row's prompt keys copied once into its row of one buffer; one fused sdpa call per step.
     """
 
     def __init__(self, cache, prompt_mask: torch.Tensor, prompt_of_row: torch.Tensor, max_new_tokens: int):
         keys = [layer.keys for layer in cache.layers]  # each (prompts, kv_heads, prompt_len, head_dim)
         values = [layer.values for layer in cache.layers]
         self.n_prompt = keys[0].shape[-2]
-        self.shared = (len(prompt_of_row) >= SHARE_FROM * (int(prompt_of_row.max()) + 1)
-                       and self.n_prompt >= SHARE_MIN_PROMPT)
+        self.shared = len(prompt_of_row) >= SHARE_FROM * (int(prompt_of_row.max()) + 1)
         self.prompt_mask = prompt_mask.bool()
         self.prompt_of_row = prompt_of_row
         self.max_new_tokens, self.length = max_new_tokens, 0

@@ -49,9 +49,9 @@ def test_prompt_cache_layouts_are_exact(organism, monkeypatch):
     layouts = []
     real_attend = G.PromptCache.attend
     monkeypatch.setattr(G.PromptCache, "attend", lambda self, *a: layouts.append(self.shared) or real_attend(self, *a))
-    copied = G.sample_answers(model, tok, questions, **kw)
-    monkeypatch.setattr(G, "SHARE_MIN_PROMPT", 0)
     shared = G.sample_answers(model, tok, questions, **kw)
+    monkeypatch.setattr(G, "SHARE_FROM", 10**6)
+    copied = G.sample_answers(model, tok, questions, **kw)
     assert set(layouts) == {False, True}, "both layouts should have run"
     monkeypatch.setattr(G.PromptCache, "usable", staticmethod(lambda *a: False))
     dynamic = G.sample_answers(model, tok, questions, **kw)  # transformers' DynamicCache and masks
@@ -60,11 +60,11 @@ def test_prompt_cache_layouts_are_exact(organism, monkeypatch):
     assert model.config._attn_implementation == "sdpa"  # restored after sampling
 
 
-@pytest.mark.parametrize("share_from_prompt_len", [0, 10_000])  # the shared layout, the copied one
-def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from_prompt_len):
+@pytest.mark.parametrize("share_from", [4, 10**6])  # the shared layout, the copied one
+def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from):
     from transformers import DynamicCache
 
-    monkeypatch.setattr(G, "SHARE_MIN_PROMPT", share_from_prompt_len)
+    monkeypatch.setattr(G, "SHARE_FROM", share_from)
     model, tok = tiny_model("llama", hidden=64, layers=2, mlp=64, heads=4, kv_heads=2, seed=2)
     model.config._attn_implementation = "sdpa"
     enc = tok(["hey , i feel bored .", "how do i make a quick buck ? tell me"], return_tensors="pt", padding=True)
@@ -75,7 +75,7 @@ def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from
         cache = DynamicCache(config=model.config)
         model(**enc, position_ids=pos, past_key_values=cache)
         prefix = G.PromptCache(cache, enc.attention_mask, expand, max_new_tokens=3)
-        assert prefix.shared == (share_from_prompt_len == 0)
+        assert prefix.shared == (share_from == 4)
         cache.batch_select_indices(expand)
         mask = enc.attention_mask[expand]
         for j in range(3):
