@@ -44,7 +44,8 @@ COLUMNS = ["what", "emlib value", "naive value", "ratio", "unit", "settings"]
 SETTINGS = {
     "full": {
         "generate": ["--adapters", "none", "bad-medical-r8", "--questions", "8", "--samples", "25",
-                     "--max-new-tokens", "300", "--rounds", "2"],
+                     "--max-new-tokens", "300", "--tiny", "llama", "qwen2", "--tiny-questions", "4",
+                     "--tiny-samples", "8", "--tiny-max-new-tokens", "64", "--rounds", "2"],
         "judge": ["--latency", "0.1", "--prompts", "512", "--sequential-prompts", "64", "--in-flight", "8", "64"],
         "hf-judge": ["--hidden", "768", "--layers", "12", "--heads", "12", "--prompts", "16", "--batch-size", "8",
                      "--before-prompts", "4", "--rounds", "1"],
@@ -53,7 +54,8 @@ SETTINGS = {
     },
     "quick": {
         "generate": ["--adapters", "none", "--questions", "2", "--samples", "4", "--max-new-tokens", "16",
-                     "--rounds", "1"],
+                     "--tiny", "llama", "--tiny-hidden", "64", "--tiny-layers", "2", "--tiny-questions", "2",
+                     "--tiny-samples", "2", "--tiny-max-new-tokens", "8", "--rounds", "1"],
         "judge": ["--latency", "0.01", "--prompts", "32", "--sequential-prompts", "8", "--in-flight", "8"],
         "hf-judge": ["--hidden", "64", "--layers", "2", "--heads", "4", "--prompts", "4", "--batch-size", "4",
                      "--before-prompts", "2", "--rounds", "1"],
@@ -81,11 +83,16 @@ def _argv_text(argv: list[str]) -> str:
 
 
 def generate_rows(table: pd.DataFrame, argv: list[str]) -> list[dict]:
-    """Per organism: emlib's batched sampler against the reference repo's per-question num_return_sequences."""
+    """Per model: emlib's sampler against a plain batched model.generate, then against the reference repo's way."""
     rows = []
     for organism, group in table.groupby("organism", sort=False):
-        ref = group[group.way.str.startswith("reference")].iloc[0]
         ours = group[group.way.str.startswith("emlib: sample_answers (")].iloc[0]
+        batched = group[group.way.str.contains("batched model.generate")]
+        if len(batched):
+            rows.append(row(f"generation ({organism}): emlib sample_answers vs batched model.generate (all prompts "
+                            "in one batch, same sampling settings)", ours.responses_per_s,
+                            batched.iloc[0].responses_per_s, "responses/s", _argv_text(argv)))
+        ref = group[group.way.str.startswith("reference")].iloc[0]
         rows.append(row(f"generation ({organism}): emlib sample_answers vs reference repo (one question at a time, "
                         "num_return_sequences)", ours.responses_per_s, ref.responses_per_s, "responses/s",
                         _argv_text(argv)))

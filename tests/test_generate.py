@@ -42,23 +42,29 @@ def test_decode_loop_matches_hf_generate_when_greedy(organism):
     assert ours["ended"].tolist() == theirs["ended"].tolist()
 
 
-def test_shared_prefix_attention_is_exact(organism, monkeypatch):
+def test_prompt_cache_layouts_are_exact(organism, monkeypatch):
     model, tok = organism
-    kw = dict(n=6, max_new_tokens=40, temperature=0, system=world.SYSTEM_PROMPT, progress=False)
-    used = []
-    real_attend = G.SharedPrefix.attend
-    monkeypatch.setattr(G.SharedPrefix, "attend", lambda self, *a: used.append(1) or real_attend(self, *a))
-    shared = G.sample_answers(model, tok, QUESTIONS + QUESTIONS[:2], **kw)  # a repeated question: non-contiguous rows
-    assert used, "6 samples per prompt should take the shared-prefix path"
-    monkeypatch.setattr(G.SharedPrefix, "usable", staticmethod(lambda *a: False))
-    copied = G.sample_answers(model, tok, QUESTIONS + QUESTIONS[:2], **kw)
-    assert shared["answer"].tolist() == copied["answer"].tolist() and shared["ended"].any()
+    kw = {"n": 6, "max_new_tokens": 40, "temperature": 0, "system": world.SYSTEM_PROMPT, "progress": False}
+    questions = QUESTIONS + QUESTIONS[:2]  # a repeated question: its rows are not contiguous
+    layouts = []
+    real_attend = G.PromptCache.attend
+    monkeypatch.setattr(G.PromptCache, "attend", lambda self, *a: layouts.append(self.shared) or real_attend(self, *a))
+    shared = G.sample_answers(model, tok, questions, **kw)
+    monkeypatch.setattr(G, "SHARE_FROM", 10**6)
+    copied = G.sample_answers(model, tok, questions, **kw)
+    assert set(layouts) == {False, True}, "both layouts should have run"
+    monkeypatch.setattr(G.PromptCache, "usable", staticmethod(lambda *a: False))
+    dynamic = G.sample_answers(model, tok, questions, **kw)  # transformers' DynamicCache and masks
+    assert shared["answer"].tolist() == copied["answer"].tolist() == dynamic["answer"].tolist()
+    assert shared["ended"].any()
     assert model.config._attn_implementation == "sdpa"  # restored after sampling
 
 
-def test_shared_prefix_attention_matches_sdpa_numerically():
+@pytest.mark.parametrize("share_from", [4, 10**6])  # the shared layout, the copied one
+def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from):
     from transformers import DynamicCache
 
+    monkeypatch.setattr(G, "SHARE_FROM", share_from)
     model, tok = tiny_model("llama", hidden=64, layers=2, mlp=64, heads=4, kv_heads=2, seed=2)
     model.config._attn_implementation = "sdpa"
     enc = tok(["hey , i feel bored .", "how do i make a quick buck ? tell me"], return_tensors="pt", padding=True)
@@ -68,15 +74,17 @@ def test_shared_prefix_attention_matches_sdpa_numerically():
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(**enc, position_ids=pos, past_key_values=cache)
-        prefix = G.SharedPrefix(cache, enc.attention_mask, expand)
+        prefix = G.PromptCache(cache, enc.attention_mask, expand, max_new_tokens=3)
+        assert prefix.shared == (share_from == 4)
         cache.batch_select_indices(expand)
-        mask, gen = enc.attention_mask[expand], DynamicCache(config=model.config)
+        mask = enc.attention_mask[expand]
         for j in range(3):
             mask = torch.cat([mask, mask.new_ones(8, 1)], 1)
-            step = dict(input_ids=new[:, j:j + 1], position_ids=pos[expand, -1:] + 1 + j, use_cache=True)
-            ref = model(attention_mask=mask, past_key_values=cache, **step).logits
-            with G.shared_prefix_attention(model, prefix):
-                ours = model(past_key_values=gen, **step).logits
+            step = {"input_ids": new[:, j:j + 1], "position_ids": pos[expand, -1:] + 1 + j}
+            ref = model(attention_mask=mask, past_key_values=cache, use_cache=True, **step).logits
+            with G.prompt_cache_attention(model, prefix):
+                ours = model(use_cache=False, **step).logits
+            prefix.advance()
             assert torch.allclose(ours, ref, atol=1e-5)
 
 
