@@ -13,7 +13,7 @@ run: setup
 	$(PY) -m emlib.run_notebooks
 
 test: setup               ## the suite on one pytest-xdist worker per core (see tests/conftest.py)
-	$(PY) -m pytest -n auto --dist loadgroup
+	$(PY) -m pytest -n auto
 
 # --allow-root only when root (containers); it still listens on 127.0.0.1 only, behind a token
 lab: setup                ## JupyterLab on http://127.0.0.1:8888 in notebooks/ (LAB_ARGS="--port 8890 --no-browser")

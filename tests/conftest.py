@@ -1,6 +1,6 @@
 """Test-wide settings: offline, quiet, deliberate threads; executed notebooks kept under runs/tests/.
 
-`make test` runs the suite on two pytest-xdist workers (`-n auto --dist loadgroup`): each worker gets its share of
+`make test` runs the suite on pytest-xdist workers, one per core (`-n auto`): each worker gets its share of
 the cores (one each on a 2-core machine: single-threaded processes side by side beat one two-threaded process on these
 small models), a test file stays on one worker (its module fixtures are built once), and every test that reads an
 executed notebook is grouped with that notebook, so each notebook runs once, on one worker. Heaviest groups are
@@ -38,30 +38,44 @@ NOTEBOOK_OF_MODULE = {"test_datasets_notebook": "01_datasets", "test_train_noteb
                       "test_narrow_notebook": "07_narrow_misalignment"}
 # Work units handed out first (the longest: notebooks in make-run order of cost, then the slowest test files).
 HEAVIEST_FIRST = [*run_notebooks.HEAVIEST_FIRST, "test_real_model_notebooks", "test_faults_io", "test_hf_judge"]
-_GROUP = pytest.StashKey[str]()
 
 
-def xdist_group_of(item: pytest.Item) -> str:
-    """The work unit of a test: an explicit xdist_group mark, the notebook it reads, else its file."""
-    mark = item.get_closest_marker("xdist_group")
-    if mark is not None:
-        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-    module = Path(item.nodeid.split("::")[0]).stem
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    if module == "test_notebooks" and ("name" in params or "nb" in params):
-        return params["name"] if "name" in params else params["nb"].stem
+# Tests in test_notebooks.py that read one notebook without naming it in their parameters.
+NOTEBOOK_OF_TEST = {"test_quickstart_finetune_is_more_misaligned_than_base": "00_quickstart",
+                    "test_persona_world_shows_emergent_misalignment": "00_persona_world"}
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of a test, from its node id alone (the xdist controller sees no more): the notebook it reads,
+    else its file, so a file's module fixtures are built once."""
+    path, _, rest = nodeid.partition("::")
+    module = Path(path).stem
+    if module == "test_notebooks":
+        name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
+        if name in run_notebooks.ORDER or (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists():
+            return name
+        return NOTEBOOK_OF_TEST.get(rest.partition("[")[0], module)
     return NOTEBOOK_OF_MODULE.get(module, module)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks
+def pytest_xdist_make_scheduler(config, log):
+    """Hand out work units (:func:`work_unit`) whole, in collection order (heaviest first, see below). xdist's own
+    ``--dist loadgroup`` would do this from ``xdist_group`` marks, but with pytest 9 it never sees the marks' suffix
+    in the node ids it schedules, so units there were split and one worker waited on the other's notebook."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class NotebookScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep our order, not "most tests first"
+    return NotebookScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    """Heaviest work units first, so the last ones handed out are short and no worker idles at the end."""
     rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    for item in items:
-        group = xdist_group_of(item)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group))
-        item.stash[_GROUP] = group
-    items.sort(key=lambda item: rank.get(item.stash[_GROUP], len(rank)))  # stable: file order kept within a rank
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable: file order kept within a rank
 
 
 @pytest.fixture(scope="session")
