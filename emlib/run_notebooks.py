@@ -29,6 +29,7 @@ import html
 import json
 import os
 import re
+import sys
 import time
 import uuid
 from datetime import datetime
@@ -275,10 +276,16 @@ def run_all(books: list[Path], run_dir: Path, parameters: dict, jobs: int = 1) -
 
 
 def _run_logged(nb: Path, run_dir: Path, parameters: dict) -> dict:
-    print(f"[emlib] running {nb.name} ...", flush=True)
+    _log(f"[emlib] running {nb.name} ...")
     run = run_notebook(nb, run_dir, parameters)
-    print(f"[emlib] {nb.name} done in {run['seconds']} s", flush=True)
+    _log(f"[emlib] {nb.name} done in {run['seconds']} s")
     return run
+
+
+def _log(line: str) -> None:
+    """One whole line per write (``print`` writes text and newline apart: two notebooks' lines would interleave)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> Path:
