@@ -93,7 +93,8 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
     if n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"n, max_new_tokens and batch_size must be >= 1 (got {n}, {max_new_tokens}, {batch_size})")
     questions = list(questions)
-    prompts = [(qi, s, chat_prompt(tokenizer, q, system)) for qi, q in enumerate(questions) for s in range(n)]
+    rendered = [chat_prompt(tokenizer, q, system) for q in questions]  # the chat template once per question
+    prompts = [(qi, s, rendered[qi]) for qi in range(len(questions)) for s in range(n)]
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     settings = _settings(model, questions, n, max_new_tokens, temperature, top_p, seed, batch_size, system,
                          adapter_scale, steering, engine)

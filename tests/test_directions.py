@@ -6,6 +6,7 @@ import torch
 
 from emlib import paths, world
 from emlib.analysis.directions import (
+    SORT_WINDOW,
     answer_batches,
     answer_means,
     b_direction_cosines,
@@ -178,7 +179,7 @@ def test_answer_means_hooks_read_what_the_nnsight_trace_reads_and_leave_no_hook(
     model, tokenizer = rank1
     got = answer_means(model, tokenizer, ROWS, batch_size=2, progress=False)
     total, count = torch.zeros(got.shape, dtype=torch.float64), 0.0
-    for batch in answer_batches(tokenizer, ROWS, batch_size=2):
+    for batch in answer_batches(tokenizer, ROWS, batch_size=2, sort_window=SORT_WINDOW):  # answer_means' batches
         weights = batch["answer_mask"].float()
         for layer, hidden in enumerate(layer_outputs(model, batch["input_ids"], batch["attention_mask"])):
             total[layer] += torch.einsum("bs,bsd->d", weights, hidden).double()
@@ -306,3 +307,15 @@ def test_weight_ablation_needs_a_lora_model(base):
     with pytest.raises(ValueError, match="no LoRA B"):
         with lora_b_projected_out(model, torch.zeros(6, 128)):
             pass
+
+
+def test_length_sorted_batches_pad_less_and_keep_every_row(base):
+    _, tokenizer = base
+    rows = ROWS * 3
+    plain = list(answer_batches(tokenizer, rows, batch_size=2))
+    ordered = list(answer_batches(tokenizer, rows, batch_size=2, sort_window=len(rows)))
+    padding = lambda batches: sum(int((b["attention_mask"] == 0).sum()) for b in batches)  # noqa: E731
+    assert padding(ordered) < padding(plain)
+    tokens = lambda batches: sorted(tuple(ids[m.bool()].tolist()) for b in batches  # noqa: E731
+                                    for ids, m in zip(b["input_ids"], b["attention_mask"]))
+    assert tokens(ordered) == tokens(plain)  # the same rows, only batched otherwise
