@@ -325,8 +325,15 @@ patching.round(3)
 
 # %%
 def relative(a: float, b: float) -> float:
-    """a relative to b (NaN when b is 0: no relative change from nothing)."""
+    """a relative to b (NaN when b is 0 or unscored: no relative change from nothing)."""
     return a / b - 1 if b > 0 else float("nan")
+
+
+def pct(x: float, signed: bool = False) -> str:
+    """A rate or relative change as prose; one that could not be measured says so instead of printing nan%."""
+    if np.isnan(x):
+        return "missing (its reference rate is 0 or unscored)" if signed else "unscored"
+    return f"{x:+.0%}" if signed else f"{x:.0%}"
 
 
 if patch_skip is None:
@@ -336,25 +343,26 @@ if patch_skip is None:
                "EM non-medical": int((steer_qs["group"] != in_domain).sum()) * samples_per_question}
     rel_se = {k: float(np.sqrt((1 - unpatched[k]) / (unpatched[k] * n))) if unpatched[k] > 0 else float("nan")
               for k, n in n_steer.items()}  # one rate's standard error, relative to the unpatched rate
+    se_text = {k: f"±{v:.0%}" if np.isfinite(v) else "undefined (no unpatched EM)" for k, v in rel_se.items()}
     patch_change = {f"{k} {vs}": relative(cross[k], ref[k]) for k in n_steer
                     for vs, ref in (("vs unpatched", unpatched), ("vs same-side control", same))}
     patch_reading = (
         f"Answered with the scalars of a question from the other side (generated tokens keep their own), the "
-        f"organism's {in_domain} EM is {cross['EM medical']:.0%} (unpatched {unpatched['EM medical']:.0%}, same-side control "
-        f"{same['EM medical']:.0%}) and its {outside} EM {cross['EM non-medical']:.0%} (unpatched "
-        f"{unpatched['EM non-medical']:.0%}, control {same['EM non-medical']:.0%}): relative to the unpatched "
-        f"organism {patch_change['EM medical vs unpatched']:+.0%} / "
-        f"{patch_change['EM non-medical vs unpatched']:+.0%}, "
-        f"relative to the control {patch_change['EM medical vs same-side control']:+.0%} / "
-        f"{patch_change['EM non-medical vs same-side control']:+.0%} (one rate's standard error is about "
-        f"±{rel_se['EM medical']:.0%} / ±{rel_se['EM non-medical']:.0%} of the unpatched rate). The papers: at most "
+        f"organism's {in_domain} EM is {pct(cross['EM medical'])} (unpatched {pct(unpatched['EM medical'])}, same-side control "
+        f"{pct(same['EM medical'])}) and its {outside} EM {pct(cross['EM non-medical'])} (unpatched "
+        f"{pct(unpatched['EM non-medical'])}, control {pct(same['EM non-medical'])}): relative to the unpatched "
+        f"organism {pct(patch_change['EM medical vs unpatched'], signed=True)} / "
+        f"{pct(patch_change['EM non-medical vs unpatched'], signed=True)}, "
+        f"relative to the control {pct(patch_change['EM medical vs same-side control'], signed=True)} / "
+        f"{pct(patch_change['EM non-medical vs same-side control'], signed=True)} (one rate's standard error is about "
+        f"{se_text['EM medical']} / {se_text['EM non-medical']} of the unpatched rate). The papers: at most "
         f"−22% (+16% once) against the unpatched model.")
     if patch_first_token:
         constant = patching.loc["cross pairs, first_token answer scalars"]
         patch_reading += (
             f" With every generated token given the source's first-token scalar (what the reference's cached "
-            f"generation adds), {constant['coherent non-medical']:.0%} of {outside} answers stay coherent (unpatched "
-            f"{unpatched['coherent non-medical']:.0%}) and {outside} EM is {constant['EM non-medical']:.0%}"
+            f"generation adds), {pct(constant['coherent non-medical'])} of {outside} answers stay coherent (unpatched "
+            f"{pct(unpatched['coherent non-medical'])}) and {outside} EM is {pct(constant['EM non-medical'])}"
             + (": this model needs its per-token scalars while it writes the answer."
                if constant["coherent non-medical"] < 0.5 * unpatched["coherent non-medical"] else "."))
     display(Markdown(patch_reading))
@@ -475,10 +483,10 @@ results["patching"] = {"skipped": patch_skip} if patch_skip else {
     "table": patching.to_dict(orient="index"), "change": patch_change, "reading": patch_reading}
 if patch_skip is None:
     results["summary"]["scalar patching, cross-domain EM change (papers: -22% .. +16%)"] = (
-        f"{in_domain} {patch_change['EM medical vs unpatched']:+.0%}, {outside} "
-        f"{patch_change['EM non-medical vs unpatched']:+.0%} vs unpatched; "
-        f"{patch_change['EM medical vs same-side control']:+.0%}, "
-        f"{patch_change['EM non-medical vs same-side control']:+.0%} vs the same-side control")
+        f"{in_domain} {pct(patch_change['EM medical vs unpatched'], signed=True)}, {outside} "
+        f"{pct(patch_change['EM non-medical vs unpatched'], signed=True)} vs unpatched; "
+        f"{pct(patch_change['EM medical vs same-side control'], signed=True)}, "
+        f"{pct(patch_change['EM non-medical vs same-side control'], signed=True)} vs the same-side control")
     results["tables"]["scalar patching"] = patching.round(3).to_markdown()
 else:
     results["summary"]["scalar patching"] = f"skipped: {patch_skip}"

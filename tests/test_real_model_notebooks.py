@@ -178,6 +178,8 @@ def test_tables_carry_counts_and_most_answers_are_scored(name, real_run):
                for title, table in results["tables"].items()), f"{name}: no table carries its counts"
     share = sum(s for s, _ in pairs) / sum(n for _, n in pairs)
     assert share > 0.5, f"{name}: only {share:.0%} of the answers were scored by the renormalised local judge"
+    prose = " ".join([results.get("headline") or "", *map(str, results.get("summary", {}).values())])
+    assert "nan%" not in prose.lower(), f"{name}: a rate that could not be measured is printed as nan%: {prose}"
 
 
 def test_quickstart_headline_is_the_table(real_run):
