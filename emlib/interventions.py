@@ -442,7 +442,7 @@ def lora_scalar_patch(model: nn.Module, tokenizer, targets: Sequence[str], sourc
 
     recorded: dict[str, dict[str, torch.Tensor]] = {}
     scalars: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
-    with recorded_lora_scalars(model) as seen:
+    with recorded_lora_scalars(model) as seen, torch.no_grad():  # a read: no autograd graph for the source passes
         for target, source in zip(targets, sources):
             if source not in recorded:
                 model(input_ids=torch.tensor([ids_of(source)], device=device))

@@ -52,7 +52,7 @@ def work_unit(nodeid: str) -> str:
     module = Path(path).stem
     if module == "test_notebooks":
         name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
-        if name in run_notebooks.ORDER or (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists():
+        if name and (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists():
             return name
         return NOTEBOOK_OF_TEST.get(rest.partition("[")[0], module)
     return NOTEBOOK_OF_MODULE.get(module, module)

@@ -384,9 +384,6 @@ def _batch_significance(model: nn.Module, batch: dict[str, torch.Tensor]) -> np.
     return weights[answer].float().cpu().numpy()
 
 
-# ------------------------------------------------------------------------------------------ adapter steering
-
-
 # ------------------------------------------------------------------------------------------ scalar patching
 
 PAIRINGS = ("cross", "same")
