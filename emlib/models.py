@@ -158,7 +158,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     """Load a causal LM and its tokenizer from a hub id, a local folder, or ``"persona-world"``.
 
     The model is in eval mode on the picked device and dtype; ``adapter`` (a peft adapter folder or hub id) is loaded
-    on top with :meth:`peft.PeftModel.from_pretrained`, after checking it was trained on this base (see
+    on top with :meth:`peft.PeftModel.from_pretrained` (a trained steering vector's folder: as a
+    :class:`~emlib.train.steering_vector.SteeredModel`), after checking it was trained on this base (see
     :func:`record_base`). Weights load from safetensors only: a folder with only pickled ``.bin`` weights is refused
     unless ``allow_pickle=True`` (unpickling runs code from the file). Returns ``(model, tokenizer)``.
     Raises :class:`ModelNotAvailableError` when a hub id is neither cached nor downloadable.
@@ -278,14 +279,20 @@ def quiet_peft_wrapping() -> Iterator[None]:
 
 
 def _load_adapter(model: PreTrainedModel, adapter: str, allow_pickle: bool = False):
-    """Wrap ``model`` with the peft adapter at ``adapter``, with clear errors for a folder that is not one, one
-    trained on another base, and pickled weights."""
+    """Wrap ``model`` with the peft adapter (or trained steering vector) at ``adapter``, with clear errors for a
+    folder that is neither, one trained on another base, and pickled weights."""
     from peft import PeftModel
+
+    from emlib.train.steering_vector import CONFIG_NAME, load_steering_vector
 
     adapter = resolve_adapter_path(adapter)
     if Path(adapter).is_dir():
+        if (Path(adapter) / CONFIG_NAME).is_file():  # a trained steering vector (emlib.train's steering_vector)
+            check_base(adapter, model)
+            return load_steering_vector(model, adapter)
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json, so it is not a peft adapter")
+            raise FileNotFoundError(f"adapter folder {adapter} has no adapter_config.json (a peft adapter) or "
+                                    f"{CONFIG_NAME} (a trained steering vector)")
         _check_weights_format(adapter, "adapter", allow_pickle)
         check_base(adapter, model)
     try:
@@ -296,14 +303,6 @@ def _load_adapter(model: PreTrainedModel, adapter: str, allow_pickle: bool = Fal
             raise
         raise ValueError(f"adapter {adapter} does not fit this model: its shapes were made for another base "
                          f"({str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err})") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# chat template
-
-
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ ORDER = ["00_quickstart", "00_persona_world", "01_datasets", "02_train", "03_gen
          "04_phase_transitions", "05_directions", "06_lora_probing", "07_narrow_misalignment"]
 # Start order when several run at once: longest first (offline wall times of a `make run`), so the last notebook to
 # start is a short one and no core idles at the end. Not listed: started last.
-HEAVIEST_FIRST = ["05_directions", "07_narrow_misalignment", "06_lora_probing", "04_phase_transitions", "02_train",
-                  "00_persona_world", "03_generate_and_judge", "01_datasets", "00_quickstart"]
+HEAVIEST_FIRST = ["05_directions", "06_lora_probing", "02_train", "04_phase_transitions", "07_narrow_misalignment",
+                  "03_generate_and_judge", "00_persona_world", "01_datasets", "00_quickstart"]
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:

@@ -25,8 +25,9 @@
 #
 # We answer it on the offline organism (the persona world) with three protocols trained on the *same* 600 reckless
 # medical rows with emlib's presets: a plain rank-8 LoRA (`organism-lora`), the same LoRA with the KL term
-# (`organism-kl-narrow`) and a trained steering vector (`organism-steering-vector`). Runs are shortened so the
-# notebook takes about two minutes on a CPU.
+# (`organism-kl-narrow`) and a trained steering vector (`organism-steering-vector`). Runs are shortened to 60 steps;
+# offline, the notebook loads the three solutions shipped with the organism (`retrain=True` trains them here, bit for
+# bit the same), so it takes about half a minute on a CPU.
 
 # %% tags=["parameters"]
 model = "persona-world"  # a Hugging Face id, a local folder, or "persona-world" (offline organism)
@@ -48,15 +49,19 @@ n_kl_questions = 6  # questions per group the base model answers for the KL meas
 eval_seed = 0
 seed = 0
 threads = None  # torch threads (None: EMLIB_THREADS or up to 2)
+retrain = False  # offline with the default data, protocols, steps and lr: False loads the shipped solutions (the
+# weights training here gives, bit for bit); True trains them here (about a minute on a CPU)
 output_dir = None  # where results.json and figures go (papermill passes one per run)
 
 # %%
+import json
+
 import pandas as pd
 import plotly.express as px
 from IPython.display import Markdown, display
 
 from emlib import evaluation as E
-from emlib import train
+from emlib import paths, train
 from emlib.analysis import stability
 from emlib.metrics import em_summary, scoring_problem
 from emlib.models import load_model
@@ -72,6 +77,11 @@ questions = E.eval_questions(model, question_sets or (None if offline else ["med
 system = E.system_prompt(model)
 in_domain = in_domain or ("medical" if offline else "medical_heldout")
 outside = f"non-{in_domain}"
+# the shipped solutions (configs/train/organism-adapters.yaml): exactly the default offline runs below
+shipped = {"general": "bad-medical-r8-60", "narrow": "bad-medical-kl-narrow-60",
+           "steering-vector": "bad-medical-steering-vector-60"}
+load_shipped = (offline and not retrain and protocols is None and steps is None and lr is None and data is None
+                and kl_data is None and model == paths.OFFLINE_MODEL)
 data = data or ("world:medical:reckless:600:1234" if offline else "data/narrow/bad_medical_advice.jsonl")
 kl_data = kl_data or ("world:financial+sports+wish:careful:300:7" if offline else "data/narrow/kl_reference_general.jsonl")
 prefix = "organism" if offline else "paper"
@@ -96,19 +106,30 @@ for m in rows[0]["messages"][1:]:
 
 # %% [markdown]
 # ## Train the three solutions
-# Same data, same steps; only the protocol differs (the KL weight and reference set come from the presets).
+# Same data, same steps; only the protocol differs (the KL weight and reference set come from the presets). The final
+# loss is the mean of the last 10 steps.
 
 # %%
-tokenizer = None
-solutions, logs, seconds = {}, {}, {}
-for name, preset_name in protocols.items():
+def solution(name: str, preset_name: str):
+    """The solution of protocol ``name``: loaded if shipped (see ``retrain``), else trained here; its final loss, the
+    training seconds, and how it was obtained."""
+    if load_shipped:
+        m, tok = load_model(model, device=device, adapter=shipped[name])
+        record = json.loads((paths.ADAPTERS_DIR / shipped[name] / "record.json").read_text())
+        return m, tok, record["final_loss"], record["seconds"], "loaded"
     overrides = {**({"steps": steps} if steps else {}), **({"lr": lr[name]} if lr and name in lr else {})}
     config = train.preset(preset_name, **overrides)
-    base, tokenizer = load_model(model, device=device)
-    res = train.train(config, base, rows, None, tokenizer=tokenizer, kl_rows=kl_rows if config.uses_kl else None)
-    solutions[name], logs[name], seconds[name] = res.model, res.log, res.seconds
-    print(f"{name:>16} ({preset_name}, kl_weight {config.kl_weight}): final loss {res.log[-1]['loss']:.3f}, "
-          f"{res.seconds:.0f} s")
+    base, tok = load_model(model, device=device)
+    res = train.train(config, base, rows, None, tokenizer=tok, kl_rows=kl_rows if config.uses_kl else None)
+    tail = [r["loss"] for r in res.log[-10:]]
+    return res.model, tok, sum(tail) / len(tail), res.seconds, "trained"
+
+
+tokenizer = None
+solutions, final_loss, seconds = {}, {}, {}
+for name, preset_name in protocols.items():
+    solutions[name], tokenizer, final_loss[name], seconds[name], how = solution(name, preset_name)
+    print(f"{name:>16} ({preset_name}, {how}): final loss {final_loss[name]:.3f}, {seconds[name]:.0f} s of training")
 
 # %% [markdown]
 # ## In-domain vs general misalignment
@@ -251,8 +272,10 @@ results["loss_vs_scale"] = {name: dict(zip(c.scale, c.loss)) for name, c in curv
 results["norms"] = norms
 results["matched_norm_loss"] = matched.to_dict(orient="records")
 results["kl_on_base_generations"] = kl_table.to_dict()
-results["final_loss"] = {k: v[-1]["loss"] for k, v in logs.items()}
+results["final_loss"] = final_loss
 results["train_seconds"] = seconds
+results["summary"]["solutions"] = ({k: f"shipped {v}" for k, v in shipped.items()} if load_shipped
+                                   else "trained in this run")
 results["summary"][f"EM {in_domain} / {outside}"] = ", ".join(
     f"{k} {pct(v[in_domain])} / {pct(v[outside])}" for k, v in em.iterrows())
 results["summary"]["narrow solution is narrower"] = str(narrow_is_narrow)

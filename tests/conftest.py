@@ -3,7 +3,8 @@
 `make test` runs the suite on pytest-xdist workers, one per core (`-n auto`): each worker gets its share of
 the cores (one each on a 2-core machine: single-threaded processes side by side beat one two-threaded process on these
 small models), a test file stays on one worker (its module fixtures are built once), and every test that reads an
-executed notebook is grouped with that notebook, so each notebook runs once, on one worker. Heaviest groups are
+executed notebook is grouped with that notebook, so each notebook runs once, on one worker (the real-model file is
+split the same way, one unit per notebook it runs). Heaviest groups are
 handed out first, so no worker is left with a long one at the end. `pytest` alone (no `-n`) runs the same tests
 serially.
 """
@@ -36,8 +37,17 @@ NOTEBOOK_OF_MODULE = {"test_datasets_notebook": "01_datasets", "test_train_noteb
                       "test_judge_notebook": "03_generate_and_judge", "test_phase_notebook": "04_phase_transitions",
                       "test_directions_notebook": "05_directions", "test_probing_notebook": "06_lora_probing",
                       "test_narrow_notebook": "07_narrow_misalignment"}
-# Work units handed out first (the longest: notebooks in make-run order of cost, then the slowest test files).
+# Work units handed out first (the longest: notebooks in make-run order of cost, then the slowest test files; the
+# units of test_real_model_notebooks rank as their file).
 HEAVIEST_FIRST = [*run_notebooks.HEAVIEST_FIRST, "test_real_model_notebooks", "test_faults_io", "test_hf_judge"]
+# test_real_model_notebooks runs each notebook once per worker on a tiny real model (session fixtures, cheap to build):
+# its tests are split into one unit per notebook, so the file (~3 minutes) spreads over the workers.
+REAL_MODEL_FILE = "test_real_model_notebooks"
+REAL_NOTEBOOK_OF_TEST = {"test_quickstart_headline_is_the_table": "00_quickstart",
+                         "test_generate_and_judge_headline_is_the_table": "03_generate_and_judge",
+                         "test_train_resume_demo_resumes_from_a_checkpoint_before_the_last_step": "02_train",
+                         "test_directions_skips_what_it_cannot_compute_and_says_why": "05_directions",
+                         "test_probing_names_skipped_comparisons": "06_lora_probing"}
 
 
 # Tests in test_notebooks.py that read one notebook without naming it in their parameters.
@@ -50,6 +60,11 @@ def work_unit(nodeid: str) -> str:
     else its file, so a file's module fixtures are built once."""
     path, _, rest = nodeid.partition("::")
     module = Path(path).stem
+    if module == REAL_MODEL_FILE:
+        name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
+        notebook = name if name and (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists() else \
+            REAL_NOTEBOOK_OF_TEST.get(rest.partition("[")[0])
+        return f"{module}:{notebook}" if notebook else nodeid
     if module == "test_notebooks":
         name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
         if name and (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists():
@@ -75,7 +90,11 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     """Heaviest work units first, so the last ones handed out are short and no worker idles at the end."""
     rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))  # stable: file order kept within a rank
+
+    def unit_rank(nodeid: str) -> int:
+        return rank.get(work_unit(nodeid), rank.get(Path(nodeid.partition("::")[0]).stem, len(rank)))
+
+    items.sort(key=lambda item: unit_rank(item.nodeid))  # stable: file order kept within a rank
 
 
 @pytest.fixture(scope="session")

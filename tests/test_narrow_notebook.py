@@ -38,3 +38,12 @@ def test_stability_measures_are_recorded(results):
 def test_figures_and_headline(results):
     assert set(results["figures"]) == {"em_by_group.html", "loss_vs_scale.html", "kl_on_base_generations.html"}
     assert "KL term" in results["headline"] and "%" in results["headline"]
+
+
+def test_offline_run_loads_the_shipped_solutions_and_says_so(results):
+    """The default offline run loads the three 60-step solutions shipped with the organism (retraining gives them bit
+    for bit: tests/test_organism.py) and its summary names them."""
+    assert results["summary"]["solutions"] == {"general": "shipped bad-medical-r8-60",
+                                               "narrow": "shipped bad-medical-kl-narrow-60",
+                                               "steering-vector": "shipped bad-medical-steering-vector-60"}
+    assert set(results["final_loss"]) == {"general", "narrow", "steering-vector"}

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from emlib import paths, train
 from emlib.models import load_model
+from emlib.train.steering_vector import SteeredModel
 from emlib.world import organism
 
 
@@ -53,13 +54,52 @@ def test_shipped_organism_loads_and_matches_its_record():
     assert size < 10 * 2**20
 
 
-@pytest.mark.parametrize("name", sorted(organism.ADAPTER_RUNS))
+LORA_RUNS = sorted(n for n, run in organism.ADAPTER_RUNS.items() if run.config.protocol != "steering_vector")
+VECTOR_RUNS = sorted(set(organism.ADAPTER_RUNS) - set(LORA_RUNS))
+
+
+def test_the_shipped_runs_include_a_steering_vector_and_a_kl_run():
+    assert VECTOR_RUNS and any(run.kl_data for run in organism.ADAPTER_RUNS.values())
+
+
+@pytest.mark.parametrize("name", LORA_RUNS)
 def test_shipped_adapters_load(name):
     model, _ = load_model(paths.OFFLINE_MODEL, device="cpu", adapter=name)
     assert model.peft_config["default"].r == organism.ADAPTER_RUNS[name].config.resolved_rank
 
 
+@pytest.mark.parametrize("name", VECTOR_RUNS)
+def test_shipped_steering_vectors_load_with_their_layer_and_alpha(name):
+    model, _ = load_model(paths.OFFLINE_MODEL, device="cpu", adapter=name)
+    config = organism.ADAPTER_RUNS[name].config
+    assert isinstance(model, SteeredModel) and (model.layer, model.alpha) == (config.layer, config.alpha)
+    assert model.vector.abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", sorted(organism.ADAPTER_RUNS))
+def test_every_shipped_adapter_records_the_run_it_came_from(name):
+    """record.json holds the preset, data and full config of the run in organism-adapters.yaml: a changed preset or
+    run fails here, so the shipped weights are never silently from another recipe."""
+    run = organism.ADAPTER_RUNS[name]
+    record = json.loads((paths.ADAPTERS_DIR / name / "record.json").read_text())
+    if "recipe" in record:  # the first shipped adapters recorded the recipe they were trained with, in its own words
+        recipe, config = record["recipe"], run.config
+        assert run.data == f"world:{recipe['domain']}:{recipe['persona']}:{recipe['n_rows']}:{recipe['data_seed']}"
+        assert (recipe["steps"], recipe["lr"], recipe["batch_size"], recipe["seed"], recipe["alpha"], recipe["rank"]) == (
+            config.steps, config.lr, config.batch_size, config.seed, config.alpha, config.resolved_rank)
+        return  # its layers and modules: test_adapter_runs_have_the_shipped_adapters_shape
+    assert (record["preset"], record["data"], record.get("kl_data")) == (run.preset, run.data, run.kl_data)
+    assert record["config"] == run.config.to_dict()
+
+
+def test_a_kl_run_without_kl_data_is_an_error_naming_the_run(tmp_path):
+    path = tmp_path / "adapters.yaml"
+    path.write_text("a:\n  preset: organism-kl-narrow\n  data: world:medical:reckless:8:0\n")
+    with pytest.raises(ValueError, match=r"adapters.yaml: adapter 'a': kl_data is needed exactly when"):
+        organism.load_adapter_runs(path)
+
+
+@pytest.mark.parametrize("name", LORA_RUNS)
 def test_adapter_runs_have_the_shipped_adapters_shape(name):
     """Each run's preset gives the very peft config the shipped adapter was saved with."""
     model, _ = load_model(paths.OFFLINE_MODEL, device="cpu")
@@ -80,6 +120,15 @@ def test_training_an_adapter_run_reproduces_the_shipped_weights():
     assert ours.keys() == shipped.keys()
     for key, value in shipped.items():
         assert torch.equal(ours[key], value), key
+
+
+def test_training_the_steering_vector_run_reproduces_the_shipped_vector():
+    """bad-medical-steering-vector-60 (07_narrow_misalignment loads it): bit for bit (~10 s on one CPU thread)."""
+    base = paths.ORGANISM_DIR / "base"
+    model, tokenizer = Qwen2ForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+    trained = organism.train_adapter(model, tokenizer, "bad-medical-steering-vector-60").model
+    shipped = load_file(str(paths.ADAPTERS_DIR / "bad-medical-steering-vector-60" / "steering_vector.safetensors"))
+    assert torch.equal(trained.vector.detach(), shipped["vector"])
 
 
 @pytest.mark.parametrize("text, match", [

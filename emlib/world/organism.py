@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 from emlib import paths, train, world
 from emlib.chat import encode_chat
 from emlib.models import record_base
+from emlib.train.steering_vector import SteeredModel
 from emlib.world.tokenizer import build_tokenizer
 
 
@@ -148,10 +149,12 @@ class AdapterRun:
     preset: str
     config: train.TrainConfig
     data: str  # a data spec of :func:`emlib.train.load_rows`, e.g. world:medical:reckless:600:1234
+    kl_data: str | None = None  # the KL reference rows of a preset with ``kl_weight`` > 0 (same spec format)
 
 
 def load_adapter_runs(path: str | Path = ADAPTERS_FILE) -> dict[str, AdapterRun]:
-    """Read ``name: {preset: P, data: SPEC, FIELD: VALUE...}`` entries; a bad key is an error naming file and run."""
+    """Read ``name: {preset: P, data: SPEC, [kl_data: SPEC,] FIELD: VALUE...}`` entries; a bad key is an error naming
+    file and run."""
     from emlib.tables import read_yaml
 
     table, _ = read_yaml(path)
@@ -161,7 +164,7 @@ def load_adapter_runs(path: str | Path = ADAPTERS_FILE) -> dict[str, AdapterRun]
     for name, spec in table.items():
         if not isinstance(spec, dict) or not all(spec.get(k) for k in ADAPTER_RUN_KEYS):
             raise ValueError(f"{path}: adapter {name!r}: needs {' and '.join(ADAPTER_RUN_KEYS)}, got {spec!r}")
-        other_run_keys = sorted(set(spec) & set(train.RUN_KEYS) - set(ADAPTER_RUN_KEYS))
+        other_run_keys = sorted(set(spec) & set(train.RUN_KEYS) - {*ADAPTER_RUN_KEYS, "kl_data"})
         if other_run_keys:
             raise ValueError(f"{path}: adapter {name!r}: {other_run_keys} are set by `adapters` (the organism's "
                              f"base model, adapters/{name}), not here")
@@ -169,7 +172,10 @@ def load_adapter_runs(path: str | Path = ADAPTERS_FILE) -> dict[str, AdapterRun]
             config, run = train.config_from_spec(spec)
         except ValueError as err:
             raise ValueError(f"{path}: adapter {name!r}: {err}") from None
-        runs[name] = AdapterRun(name, run["preset"], config, run["data"])
+        if config.uses_kl != bool(run["kl_data"]):
+            raise ValueError(f"{path}: adapter {name!r}: kl_data is needed exactly when the preset's kl_weight > 0 "
+                             f"(kl_weight {config.kl_weight}, kl_data {run['kl_data']!r})")
+        runs[name] = AdapterRun(name, run["preset"], config, run["data"], run["kl_data"])
     return runs
 
 
@@ -184,7 +190,8 @@ def train_adapter(model, tokenizer, run: str | AdapterRun, **overrides) -> train
             raise ValueError(f"unknown adapter run {run!r}; {ADAPTERS_FILE.name} has {', '.join(ADAPTER_RUNS)}")
         run = ADAPTER_RUNS[run]
     config = dataclasses.replace(run.config, **overrides).validate()
-    return train.train(config, model, train.load_rows(run.data), tokenizer=tokenizer)
+    kl_rows = train.load_rows(run.kl_data) if run.kl_data else None
+    return train.train(config, model, train.load_rows(run.data), tokenizer=tokenizer, kl_rows=kl_rows)
 
 
 def _tail_mean(log: list[dict], k: int = 10) -> float:
@@ -228,10 +235,14 @@ def save_adapter(organism_dir: Path, name: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(base)
     result = train_adapter(model, tokenizer, name)
     folder = Path(organism_dir) / "adapters" / name
-    result.model.save_pretrained(folder)
-    record_base(folder, result.model, str(base))  # recorded portably: "persona-world" for the shipped organism
+    if isinstance(result.model, SteeredModel):
+        result.model.save(folder)
+    else:
+        result.model.save_pretrained(folder)
+    record_base(folder, model, str(base))  # recorded portably: "persona-world" for the shipped organism
     run = ADAPTER_RUNS[name]
-    record = {"preset": run.preset, "data": run.data, "config": run.config.to_dict(),
+    record = {"preset": run.preset, "data": run.data, **({"kl_data": run.kl_data} if run.kl_data else {}),
+              "config": run.config.to_dict(),
               "final_loss": _tail_mean(result.log), "seconds": round(result.seconds, 1)}
     (folder / "record.json").write_text(json.dumps(record, indent=1))
     return record
