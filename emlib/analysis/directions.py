@@ -58,8 +58,8 @@ def answer_batches(tokenizer, rows: Sequence[dict], batch_size: int = 32, system
     for start in range(0, len(rows), window):
         examples = [encode_chat(tokenizer, _messages(r, system, f"row {start + i}"))
                     for i, r in enumerate(rows[start:start + window])]
-        if sort_window > 1:
-            examples.sort(key=lambda e: len(e.input_ids))
+        if sort_window > 1:  # longest first: the window's first batch sizes the buffers the later ones reuse
+            examples.sort(key=lambda e: len(e.input_ids), reverse=True)
         for first in range(0, len(examples), batch_size):
             batch = collate(examples[first:first + batch_size], pad)
             batch["answer_mask"] = batch.pop("labels") != IGNORE
