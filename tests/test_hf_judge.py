@@ -122,3 +122,10 @@ def test_number_tree_covers_every_number_once():
     assert all(tree.depths[i] == 1 + (tree.depths[tree.parents[i]] if tree.parents[i] >= 0 else 0)
                for i in range(len(tree.tokens)))
     assert sum(1 for p in tree.parents if p == -1) == len({c[0] for c in candidates})
+
+
+def test_batch_size_defaults_to_one_prompt_per_pass_on_a_cpu():
+    """Batching only adds padding on a CPU (bench/bench_judge.py hf: 8 per pass ran 0.66-0.77x one per pass)."""
+    model, tok = tiny_model("llama", english_tokenizer("llama"), hidden=64, layers=2, mlp=128, seed=3)
+    assert J.LocalHFJudge(model, tok).batch_size == 1
+    assert J.LocalHFJudge(model, tok, batch_size=8).batch_size == 8

@@ -80,15 +80,19 @@ class LocalHFJudge(Judge):
     are recognised), so :func:`~emlib.judge.rubrics.aggregate_logprobs` applies unchanged. ``numbers``: ``"rule"``
     (the papers' 0.25 threshold) or ``"renormalise"`` (score among numbers whatever their share). ``batch_size``
     prompts go through the model in one forward pass; concurrent :meth:`ascore` calls (``judge_frame``) are
-    gathered into such batches by one worker thread.
+    gathered into such batches by one worker thread. ``None``: 8 on a GPU, 1 on a CPU, where batching only adds
+    padding (bench/bench_judge.py hf, 115M judge, 2 cores: 8 per pass ran 0.66-0.77x one per pass).
     """
 
     method = "hf-number-strings"
 
     def __init__(self, model, tokenizer, name: str | None = None, system: str | None = None,
-                 numbers: str = "rule", batch_size: int = 8):
+                 numbers: str = "rule", batch_size: int | None = None):
         if numbers not in NUMBER_MODES:
             raise ValueError(f"numbers must be one of {NUMBER_MODES}, not {numbers!r}")
+        if batch_size is None:
+            on_gpu = next(model.parameters()).device.type != "cpu"
+            batch_size = 8 if on_gpu else 1
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
