@@ -582,9 +582,15 @@ def _vllm_model_name(model: Any) -> str:
     return str(name)
 
 
-def vllm_fallback_reason(steering: Steering | None = None, adapter_scale: float | None = None) -> str | None:
+def vllm_fallback_reason(steering: Steering | None = None, adapter_scale: float | None = None,
+                         adapter: str | None = None) -> str | None:
     """Why a request cannot run on vLLM (None: it can): vLLM exposes no hooks into the residual stream."""
+    from emlib.models import resolve_adapter_path
+    from emlib.train.steering_vector import CONFIG_NAME
+
     reasons = []
+    if adapter is not None and (Path(resolve_adapter_path(adapter)) / CONFIG_NAME).is_file():
+        reasons.append(f"the trained steering vector {adapter} (vLLM serves LoRA adapters only, it runs no hooks)")
     if steering is not None:
         reasons.append("steering/ablation hooks (vLLM runs its own compiled model, so forward hooks never fire)")
     if adapter_scale is not None:
@@ -608,7 +614,7 @@ def sample_answers_vllm(model: Any, questions: Sequence[str], n: int = 1, max_ne
     ``out_path``, go to it); that path needs the model to fit in one process. ``sampling`` as in
     :func:`sample_answers` (``reference`` reads top_k and repetition_penalty from the model's generation config).
     """
-    reason = vllm_fallback_reason(steering, adapter_scale)
+    reason = vllm_fallback_reason(steering, adapter_scale, adapter)
     if reason:
         from emlib.models import load_model
 

@@ -61,9 +61,11 @@ def test_an_adapter_records_its_base_and_refuses_another(tmp_path):
 
 def test_shipped_adapters_record_a_portable_base():
     for folder in paths.ADAPTERS_DIR.iterdir():
-        config = json.loads((folder / "adapter_config.json").read_text())
-        assert config["base_model_name_or_path"] == "persona-world", folder.name
-        assert json.loads((folder / "emlib_base.json").read_text())["base_model"] == "persona-world"
+        if (folder / "adapter_config.json").is_file():  # a peft adapter (a steering vector has no peft config)
+            config = json.loads((folder / "adapter_config.json").read_text())
+            assert config["base_model_name_or_path"] == "persona-world", folder.name
+        assert json.loads((folder / "emlib_base.json").read_text())["base_model"] == "persona-world", folder.name
+    assert any((folder / "steering_config.json").is_file() for folder in paths.ADAPTERS_DIR.iterdir())
 
 
 def test_question_yaml_typos_name_file_question_and_key(tmp_path):

@@ -43,6 +43,18 @@ def test_ablation_and_adapter_scale_fall_back_too():
     pd.testing.assert_frame_equal(rows, direct)
 
 
+def test_a_trained_steering_vector_falls_back_to_transformers():
+    """vLLM serves LoRA adapters only: a shipped steering vector is sampled on transformers, with the same rows."""
+    name = "bad-medical-steering-vector-60"
+    with pytest.warns(UserWarning, match=rf"trained steering vector {name} .* transformers path"):
+        rows = G.sample_answers_vllm(paths.OFFLINE_MODEL, QUESTIONS, max_new_tokens=8, seed=2, adapter=name,
+                                     fallback_kwargs={"progress": False})
+    model, tok = load_model(paths.OFFLINE_MODEL, adapter=name)
+    pd.testing.assert_frame_equal(rows, G.sample_answers(model, tok, QUESTIONS, max_new_tokens=8, seed=2,
+                                                         progress=False))
+    assert G.vllm_fallback_reason(adapter=ADAPTER) is None
+
+
 def test_fallback_reason_is_none_for_plain_sampling():
     assert G.vllm_fallback_reason() is None
     assert "adapter_scale=0.5" in G.vllm_fallback_reason(adapter_scale=0.5)
