@@ -20,12 +20,13 @@ def keep_freed_memory(trim_mb: int = 512, mmap_mb: int = 32) -> bool:
     """Let glibc keep memory a batch freed for the next batch, instead of handing it back to the OS at once.
 
     A CPU loop over batches (sampling, activation reading, training) frees megabytes of activations at the end of
-    every batch and allocates the same again at the start of the next. glibc's defaults return freed blocks of
-    more than 128 KB (and the top of the heap beyond a few MB) to the OS, so each batch page-faults its memory in
-    again: measured on the organism, 15-25% of the wall time went to the kernel, and answer-token means were 0.9-1.0x
-    a keep-everything reader whose growing heap is never returned. With blocks up to ``mmap_mb`` taken from the
-    heap and up to ``trim_mb`` of free heap kept, the resident set stays at the peak working set (it does not grow
-    with rows) and that time is gone. The same thing PyTorch's caching allocator does on GPUs, and what Intel's CPU
+    every batch and allocates the same again at the start of the next. glibc starts by returning freed blocks of
+    more than 128 KB (and the top of the heap beyond a few MB) to the OS, raising those limits only as the process's
+    history allows, so a batch can page-fault its memory in again: in fresh processes on the organism, 15-25% of an
+    activation read's wall time went to the kernel, and answer-token means were 0.9-1.0x a keep-everything reader
+    whose growing heap is never returned. With blocks up to ``mmap_mb`` taken from the heap and up to ``trim_mb`` of
+    free heap kept, the resident set stays at the peak working set (it does not grow with rows) and that time is
+    gone. The same thing PyTorch's caching allocator does on GPUs, and what Intel's CPU
     tuning guides get from jemalloc or tcmalloc. Linux with glibc only (elsewhere: nothing changes, returns False).
     """
     if not sys.platform.startswith("linux"):
