@@ -263,9 +263,16 @@ results["summary"]["transformer_lens_max_diff"] = tl_max_diff
 # λ = `steer_scale`, then the dose-response at the best layer, with the random direction at the same norm as control.
 
 # %%
-def steered_rates(vectors, scale, layer, positions=steer_positions) -> dict:
-    steer = interventions.Steer(vectors, scale, layers=[layer], positions=positions)
-    return em_rates(judged_answers(base, eval_qs, steering=steer))
+steered = {}  # (vector, λ, layer, positions) -> rates: a cell the sweep measured is not sampled again below
+
+
+def steered_rates(vectors, scale, layer, positions=steer_positions, vector="direction") -> dict:
+    if scale == 0:  # adding 0·v changes no number: these are Step 1's unsteered base answers
+        return baseline["base"]
+    if (vector, scale, layer, positions) not in steered:
+        steer = interventions.Steer(vectors, scale, layers=[layer], positions=positions)
+        steered[vector, scale, layer, positions] = em_rates(judged_answers(base, eval_qs, steering=steer))
+    return steered[vector, scale, layer, positions]
 
 
 if direction is not None:
@@ -282,7 +289,7 @@ if direction is not None:
 
 # %%
 if direction is not None:
-    dose = pd.DataFrame([{"scale": s, "vector": name, **steered_rates(vec, s, best_layer)}
+    dose = pd.DataFrame([{"scale": s, "vector": name, **steered_rates(vec, s, best_layer, vector=name)}
                          for s in steer_scales for name, vec in (("direction", direction), ("random", control))])
     fig = px.line(dose, x="scale", y="general", color="vector", markers=True,
                   title=f"General EM of the steered base model vs λ at layer {best_layer}")
@@ -526,9 +533,9 @@ if "rank1" in organisms and direction is not None:
     with interventions.lora_b_projected_out(r1, direction):
         projected = em_rates(judged_answers(r1, eval_qs))
     rows_b = []
-    for s in (0.0, 0.5, 1.0, 2.0):  # LoRA B scaling: 0 is the base model, 1 the adapter as trained
+    for s in (0.0, 0.5, 1.0, 2.0):  # LoRA B scaling: 0 is the base model (Step 1's answers), 1 the adapter as trained
         with scaled_adapter(r1, s):
-            rows_b.append({"B scale": s, **em_rates(judged_answers(r1, eval_qs))})
+            rows_b.append({"B scale": s, **(baseline["base"] if s == 0 else em_rates(judged_answers(r1, eval_qs)))})
     b_scaling = pd.DataFrame(rows_b)
     as_trained = b_scaling.set_index("B scale").loc[1.0]
     results["summary"]["rank1"] = {"b_cosine": round(float(b_cos["cosine"].iloc[0]), 3),
