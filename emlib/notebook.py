@@ -160,15 +160,16 @@ def save_figure(fig, folder: Path, name: str, results: dict | None = None):
     The HTML is the figure to explore; the PNG is the one a person sees without a notebook server: in ``summary.md``
     on a repository page, in the self-contained ``summary.html``, in any image viewer. ``name`` may end in ``.html``.
     The HTML file's name goes into ``results["figures"]`` (the run summary finds the PNG beside it). Without a
-    working Chromium-family browser the PNG is skipped, with one warning per process. Returns ``fig``, so a cell
-    can go on with ``.show()``.
+    working Chromium-family browser the PNG is skipped, with one warning per process; ``EMLIB_STATIC_FIGURES=0``
+    skips it on purpose (a sweep of many runs that reads only results.json saves a browser start, ~2.5 s of CPU,
+    per run). Returns ``fig``, so a cell can go on with ``.show()``.
     """
     folder = Path(folder)
     stem = name[: -len(".html")] if name.endswith(".html") else name
     fig.write_html(folder / f"{stem}.html")
     if results is not None:
         results.setdefault("figures", []).append(f"{stem}.html")
-    if "error" not in _static_export:
+    if "error" not in _static_export and os.environ.get("EMLIB_STATIC_FIGURES", "1") != "0":
         try:
             (folder / f"{stem}.{STATIC_FORMAT}").write_bytes(_static_renderer().render(fig, STATIC_FORMAT, scale=2))
         except Exception as err:  # no browser, or it would not start or draw: keep the notebook going, say so once

@@ -232,7 +232,8 @@ def summary_html(run_dir: Path, runs: dict[str, dict], total_seconds: float) -> 
             link, stem = html.escape(f"{name}/{fig}"), html.escape(Path(fig).stem)
             image = static_image(run_dir, name, fig)
             img = (f"<a href='{link}'><img src='{_embedded(image)}' alt='{stem}'></a>" if image else
-                   "<p>(no static image was saved: see the notebook's warnings)</p>")
+                   "<p>(no static image was saved: EMLIB_STATIC_FIGURES=0, or see the notebook's "
+                   "warnings)</p>")
             parts.append(f"<figure>{img}<figcaption>{stem}: <a href='{link}'>interactive version</a>"
                          "</figcaption></figure>")
         parts.append("</section>")

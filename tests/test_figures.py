@@ -53,6 +53,17 @@ def test_save_figure_without_a_browser_keeps_the_html_and_warns_once(tmp_path, f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html", "b.html"]
 
 
+def test_static_figures_can_be_switched_off_without_a_warning(tmp_path, fresh_static_export, monkeypatch):
+    """EMLIB_STATIC_FIGURES=0 (a sweep that reads only results.json): HTML only, no browser started, no warning."""
+    monkeypatch.setenv("EMLIB_STATIC_FIGURES", "0")
+    monkeypatch.setattr(notebook, "_static_renderer", lambda: pytest.fail("a browser was started"))
+    results = {"figures": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        notebook.save_figure(_figure(), tmp_path, "a", results)
+    assert results["figures"] == ["a.html"] and sorted(p.name for p in tmp_path.iterdir()) == ["a.html"]
+
+
 def _run_with_figure(tmp_path, with_png: bool) -> dict:
     (tmp_path / "nb").mkdir()
     (tmp_path / "nb" / "f.html").write_text("<html>interactive</html>")

@@ -93,7 +93,9 @@ NOTEBOOKS = ["00_quickstart", "02_train", "03_generate_and_judge", "04_phase_tra
 def real_run(real, notebook_run_dir):
     """Run a notebook once per session on the tiny Llama, from the repository root; failures are remembered.
 
-    Executed copies go to runs/tests/real-models/ (ignored by git) so a failure can be inspected after the run."""
+    Executed copies go to runs/tests/real-models/ (ignored by git) so a failure can be inspected after the run. No
+    static PNGs (``EMLIB_STATIC_FIGURES=0``, as a sweep would run): these tests read results and outputs, and the
+    offline runs of tests/test_notebooks.py check the PNGs."""
     run_dir = notebook_run_dir / "real-models"
     cache: dict[str, dict] = {}
 
@@ -101,7 +103,7 @@ def real_run(real, notebook_run_dir):
         if name not in cache:
             params = notebook_parameters(name, real)
             try:
-                with contextlib.chdir(paths.REPO_ROOT):
+                with contextlib.chdir(paths.REPO_ROOT), _env(EMLIB_STATIC_FIGURES="0"):
                     if name == "02_train":  # the CLI entry point, with repo-relative paths as a user types them
                         argv = [a for k, v in params.items() for a in ("-p", k, json.dumps(v))]
                         run_notebooks.main(argv + ["--only", name, "--run-dir", str(run_dir / "cli")])
@@ -118,6 +120,20 @@ def real_run(real, notebook_run_dir):
         return cache[name]
 
     return run
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """These environment variables inside the block (the notebook kernels started there inherit them)."""
+    import os
+
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def outputs_text(notebook: Path) -> str:
