@@ -44,7 +44,7 @@ from emlib.judge.rubrics import load_rubrics
 from emlib.judge.server import Backend, Completion, LocalServer
 
 WORLD_JUDGE_NAME = "persona-world-judge"
-HF_BATCH_SIZE = 8  # prompts per forward pass of a served local judge
+HF_BATCH_SIZE = None  # prompts per forward pass of a served local judge; None: LocalHFJudge's (8 on a GPU, 1 on a CPU)
 HF_MAX_QUEUE = 16  # prompts waiting beyond the batch under way: two more batches, then 429 with Retry-After
 HF_MAX_CONNECTIONS = 64  # handler threads of a served local judge
 STOP_GRACE_S = 3.0  # after SIGTERM, how long a clean shutdown may take before the process exits regardless
@@ -75,9 +75,10 @@ def world_backend(rubrics: Mapping[str, str] | None = None, name: str = WORLD_JU
     return Backend(name, complete)
 
 
-def hf_backend(model: str, name: str | None = None, device: str = "auto", batch_size: int = HF_BATCH_SIZE) -> Backend:
+def hf_backend(model: str, name: str | None = None, device: str = "auto",
+               batch_size: int | None = HF_BATCH_SIZE) -> Backend:
     """A local Hugging Face chat model (folder or hub id) judging with every number string scored, ``batch_size``
-    queued prompts per forward pass."""
+    queued prompts per forward pass (None: :class:`LocalHFJudge`'s default for the device)."""
     from emlib.models import load_model
 
     hf_model, tokenizer = load_model(model, device=device)
@@ -101,11 +102,12 @@ def hf_backend(model: str, name: str | None = None, device: str = "auto", batch_
             out[i] = _completion(alts, calls[i][1], len(judge.render(calls[i][0])), max_top)
         return out
 
-    return Backend(judge.name, complete, complete_batch)
+    return Backend(judge.name, complete, complete_batch, batch_size=judge.batch_size)
 
 
 def judge_server(backend: str | Backend = "world", model: str | None = None, port: int = 0, latency: float = 0.0,
-                 prompts: str | Path | None = None, batch_size: int = HF_BATCH_SIZE, max_queue: int = HF_MAX_QUEUE,
+                 prompts: str | Path | None = None, batch_size: int | None = HF_BATCH_SIZE,
+                 max_queue: int = HF_MAX_QUEUE,
                  max_connections: int | None = None, device: str = "auto") -> LocalServer:
     """A (not yet started) local judge server; use it as a context manager, or call ``start()`` / ``stop()``.
 
@@ -123,6 +125,7 @@ def judge_server(backend: str | Backend = "world", model: str | None = None, por
         raise ValueError(f"unknown judge backend {backend!r}; expected 'world' or 'hf'")
     if max_connections is None:
         max_connections = HF_MAX_CONNECTIONS if served.complete_batch is not None else 256
+    batch_size = batch_size or served.batch_size or 8
     return LocalServer(served, port=port, latency=latency, batch_size=batch_size, max_queue=max_queue,
                        max_connections=max_connections)
 
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds of delay per request (benchmarks)")
     parser.add_argument("--prompts", type=Path, help="world backend: the rubric YAML the prompts were filled from")
     parser.add_argument("--device", default="auto", help="hf backend: where the judge runs (auto, cpu, cuda, ...)")
-    parser.add_argument("--batch-size", type=int, default=HF_BATCH_SIZE, help="hf backend: prompts per forward pass")
+    parser.add_argument("--batch-size", type=int, default=HF_BATCH_SIZE,
+                        help="hf backend: prompts per forward pass (default: 8 on a GPU, 1 on a CPU)")
     parser.add_argument("--max-queue", type=int, default=HF_MAX_QUEUE,
                         help="hf backend: prompts that may wait; more are answered 429 with Retry-After")
     parser.add_argument("--max-connections", type=int, help="open connections (handler threads) at most")

@@ -60,11 +60,13 @@ class Backend:
 
     ``complete_batch``, when given, answers several ``(messages, request)`` at once (one forward pass of a local
     model), each as a Completion or the exception for that request; the server then queues requests for one worker.
+    ``batch_size``: how many such a backend takes at once, if it has a preference (the server's otherwise).
     """
 
     name: str
     complete: Callable[[list[dict], dict], Completion]
     complete_batch: Callable[[list[tuple[list[dict], dict]]], list[Completion | Exception]] | None = None
+    batch_size: int | None = None
     calls: int = field(default=0, init=False)
 
 
