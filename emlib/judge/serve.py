@@ -18,10 +18,11 @@ In Python, ``with judge_server("world") as server: ...`` runs one on a free port
   Its replies carry the raw probabilities; whether the client applies the papers' 0.25 rule or renormalises among
   numbers is the client's choice (``OpenAIJudge(numbers=...)``).
 
-  One worker computes ``--batch-size`` queued prompts per forward pass; at most ``--max-queue`` wait (more are
+  One worker computes ``--batch-size`` queued prompts per forward pass (default 8 on a GPU, 1 on a CPU, where
+  batching only adds padding); at most ``--max-queue`` wait (more are
   answered 429 with Retry-After), a request whose client gave up is dropped, and at most ``--max-connections``
   connections are open, so threads and memory stay bounded. A client of a slow (CPU) judge should send about
-  2 x batch-size requests at a time with a long timeout (``OpenAIJudge(..., max_in_flight=16, timeout=600)``): more
+  2 x batch-size requests at a time with a long timeout (``OpenAIJudge(..., max_in_flight=2, timeout=600)``): more
   only wait in the queue, and a short timeout makes it give up and re-send work the server already did.
 
 SIGTERM or Ctrl-C stops the server within a second or two, also in the middle of a batch.
