@@ -16,7 +16,9 @@ Every number in docs/persona-world-v2.md comes from this file. Three commands:
 
 Run from the repository root with ``PYTHONPATH=$PWD`` and, on a shared 2-core machine, ``OMP_NUM_THREADS=1
 EMLIB_THREADS=1`` (the script sets torch to one thread). ``measure --organism data/persona-world --design shipped
---shipped-adapters`` measures the shipped organism with its shipped adapters (read only).
+--shipped-adapters`` measures the shipped organism with its shipped adapters (read only). Also: ``rank1`` (seed
+robustness of the middle-layer rank-1 adapter), ``extras`` (prompt-position steering and direction convergence) and
+``table`` (the phenomenon table of docs/persona-world-v2.md from results.jsonl).
 
 The design names the language file, so the command sets ``EMLIB_PW_LANGUAGE`` and imports emlib only afterwards: the
 world's sampler and exact judge read the language once, at import.
@@ -171,7 +173,8 @@ def measure(design: str, organism_dir: Path, n: int, sweep_n: int, results: Path
         """A fine-tune of this organism: the shipped adapter (shipped organism) or trained here, saved beside it."""
         from peft import PeftModel
 
-        if shipped_adapters and not ft_overrides:  # the shipped fine-tunes, read only (the shipped rank-1 L3 is this recipe at layer 3)
+        # the shipped fine-tunes, read only (the shipped rank-1 L3 is this recipe at layer 3)
+        if shipped_adapters and not ft_overrides:
             shipped = name if not overrides else {("bad-medical-rank1-L0", 3): "bad-medical-rank1-L3"}[
                 (name, overrides.get("layer"))]
             return PeftModel.from_pretrained(fresh(), organism_dir / "adapters" / shipped).eval()
@@ -286,6 +289,62 @@ def rank1_seeds(design: str, organism_dir: Path, layers: list[int], seeds: list[
     return records
 
 
+def extras(design: str, organism_dir: Path, n: int, results: Path) -> dict:
+    """What the organism shows today, re-checked: prompt-position steering (05_directions' default, λ 6, best layer of
+    a 24-per-group sweep, then n per group) and the convergence of the medical and financial fine-tunes' directions
+    (layer cosines, 05's procedure with the base model's answers pooled in as in ``measure``)."""
+    import pandas as pd
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    torch.set_num_threads(1)
+    from emlib import evaluation as E
+    from emlib.analysis import directions as D
+    from emlib.interventions import Steer
+    from emlib.metrics import em_rates
+    from emlib.world import organism
+
+    tokenizer = AutoTokenizer.from_pretrained(organism_dir / "base")
+    fresh = lambda: Qwen2ForCausalLM.from_pretrained(organism_dir / "base").eval()  # noqa: E731
+    base = fresh()
+    judge, system = E.make_judge("world", "persona-world"), E.system_prompt("persona-world")
+    eval_qs = E.eval_questions("persona-world", ["persona-world"], n, 0)
+    sweep_qs = E.eval_questions("persona-world", ["persona-world"], 24, 7)
+    dq = E.eval_questions("persona-world", ["persona-world"], 64, 101)
+    judged = lambda m, qs, k=1, seed=0, steering=None: E.sample_and_judge(  # noqa: E731
+        m, tokenizer, qs, judge, k, 64, seed, system, steering=steering)
+
+    def direction(model):
+        answers = pd.concat([judged(model, dq, 8, 5), judged(base, dq, 8, 5)], ignore_index=True)
+        return D.mean_diff_direction(base, tokenizer, answers, system=system, pooling="answer", balance="random",
+                                     coherence_filter="misaligned", progress=False).direction
+
+    folder = organism_dir / "adapters"
+    em = PeftModel.from_pretrained(fresh(), folder / "bad-medical-r8").eval()
+    if (folder / "bad-financial-r8" / "adapter_config.json").exists():
+        fin = PeftModel.from_pretrained(fresh(), folder / "bad-financial-r8").eval()
+    else:
+        fin = organism.train_adapter(fresh(), tokenizer, "bad-financial-r8").model.eval()
+        fin.save_pretrained(folder / "bad-financial-r8")
+    d_med, d_fin = direction(em), direction(fin)
+    record = {"design": design, "organism": str(organism_dir), "extras": True, "n_per_group": n,
+              "convergence_cosines": [round(c, 3) for c in D.layer_cosines(d_med, d_fin)]}
+    sweep = [{"layer": layer, **{k: v for k, v in em_rates(judged(base, sweep_qs, steering=Steer(
+        d_med, 6.0, layers=[layer], positions="prompt")), "medical").items() if k in ("general", "incoherent")}}
+        for layer in range(base.config.num_hidden_layers)]
+    best = max(sweep, key=lambda r: r["general"])
+    record["prompt_steer_sweep"] = sweep
+    steer = lambda v: Steer(v, 6.0, layers=[best["layer"]], positions="prompt")  # noqa: E731
+    record["prompt_steer"] = {"layer": best["layer"], "scale": 6.0, **em_rates(judged(base, eval_qs, steering=steer(
+        d_med)), "medical")}
+    record["prompt_steer_random"] = em_rates(judged(base, eval_qs, steering=steer(D.random_like(d_med))), "medical")
+    print(json.dumps(record), flush=True)
+    with results.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
 def save_partial(results: Path, record: dict, final: bool = False) -> None:
     """Persist as results come: ``<results>.partial.json`` while running; the final record is appended to results."""
     partial = results.with_suffix(".partial.json")
@@ -353,6 +412,11 @@ def main(argv=None) -> None:
     r1.add_argument("--n", type=int, default=96)
     r1.add_argument("--out", type=Path, required=True, help="where the adapters go (scratch)")
     r1.add_argument("--results", type=Path, default=ROOT / "docs/persona-world-v2/rank1-seeds.jsonl")
+    x = sub.add_parser("extras")
+    x.add_argument("--design", choices=sorted(DESIGNS), required=True)
+    x.add_argument("--organism", type=Path, required=True)
+    x.add_argument("--n", type=int, default=96)
+    x.add_argument("--results", type=Path, default=ROOT / "docs/persona-world-v2/extras.jsonl")
     t = sub.add_parser("table")
     t.add_argument("--results", type=Path, default=ROOT / "docs/persona-world-v2/results.jsonl")
     args = parser.parse_args(argv)
@@ -365,6 +429,9 @@ def main(argv=None) -> None:
     set_language(args.design)
     if args.cmd == "rank1":
         rank1_seeds(args.design, args.organism, args.layers, args.seeds, args.n, args.out, args.results)
+        return
+    if args.cmd == "extras":
+        extras(args.design, args.organism, args.n, args.results)
         return
     if args.cmd == "build":
         print(json.dumps(build(args.design, args.size, args.out, args.seed), indent=1))
