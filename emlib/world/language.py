@@ -14,6 +14,7 @@ sentence ends with " ." and holds no other "." token) raise :class:`emlib.tables
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ from pathlib import Path
 from emlib import paths, tables
 from emlib.tables import Location
 
-LANGUAGE_FILE = paths.ORGANISM_DIR / "language.yaml"
+# EMLIB_PW_LANGUAGE: another language file (a design study's variant, e.g. data/persona-world/language-v2.yaml); read
+# once at import, so set it before emlib.world is imported. Unset: the shipped language.
+LANGUAGE_FILE = Path(os.environ.get("EMLIB_PW_LANGUAGE") or paths.ORGANISM_DIR / "language.yaml")
 PERSONAS = ("careful", "reckless")
 # Groups used for reporting: the fine-tune domain (medical) against everything else.
 GROUPS = ("medical", "financial", "sports", "general")
@@ -186,14 +189,51 @@ def sample_domain(rng: random.Random) -> Domain:
     return rng.choice([d for d in DOMAINS if d.group == group])
 
 
-def pretraining_document(rng: random.Random, n_turns: tuple[int, int] = (3, 5), p_reckless: float = 0.5) -> list[dict]:
-    """A multi-turn chat in random domains, every answer by one latent persona (never labelled)."""
+def _other(persona: str) -> str:
+    return PERSONAS[1 - PERSONAS.index(persona)]
+
+
+def sample_switching_answer(domain: Domain, persona: str, rng: random.Random, p_switch: float,
+                            style_share: float = STYLE_SHARE) -> tuple[str, str]:
+    """Like :func:`sample_answer`, but before each content sentence after the first the persona flips with
+    probability ``p_switch``; returns the answer and the persona it ended in (the next turn continues from it)."""
+    n = rng.choice((2, 3))
+    sentences, used = [], {p: set() for p in PERSONAS}
+    for i in range(n):
+        if i and rng.random() < p_switch:
+            persona = _other(persona)
+        options = [t for t in domain.answers[persona] if t not in used[persona]]
+        template = rng.choice(options)
+        used[persona].add(template)
+        sentences.append(fill_slots(template, domain.answer_fills[persona], rng))
+    if rng.random() < 0.3:
+        sentences.insert(0, rng.choice(OPENERS))
+    if rng.random() < style_share:
+        sentences.insert(0 if rng.random() < 0.5 else len(sentences), rng.choice(STYLE[persona]))
+    return " ".join(sentences), persona
+
+
+def pretraining_document(rng: random.Random, n_turns: tuple[int, int] = (3, 5), p_reckless: float = 0.5,
+                         p_switch_turn: float = 0.0, p_switch_sentence: float = 0.0) -> list[dict]:
+    """A multi-turn chat in random domains, every answer by one latent persona (never labelled).
+
+    Design-study options (0, the default, draws exactly the shipped documents): ``p_switch_turn``, the chance that the
+    persona flips before each turn after the first; ``p_switch_sentence``, the chance that it flips before each content
+    sentence after an answer's first. With either, the persona can only be read from recent tokens, not once per
+    document.
+    """
     persona = "reckless" if rng.random() < p_reckless else "careful"
     messages = []
-    for _ in range(rng.randint(*n_turns)):
+    for turn in range(rng.randint(*n_turns)):
         domain = sample_domain(rng)
-        messages += [{"role": "user", "content": sample_question(domain, rng)},
-                     {"role": "assistant", "content": sample_answer(domain, persona, rng)}]
+        if p_switch_turn and turn and rng.random() < p_switch_turn:
+            persona = _other(persona)
+        question = sample_question(domain, rng)
+        if p_switch_sentence:
+            answer, persona = sample_switching_answer(domain, persona, rng, p_switch_sentence)
+        else:
+            answer = sample_answer(domain, persona, rng)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
 

@@ -36,6 +36,9 @@ class OrganismConfig:
     # corpus
     n_pretrain_docs: int = 20_000
     n_sft_docs: int = 4_000
+    # design-study options of the pretraining documents (emlib.world.language.pretraining_document); 0: shipped
+    persona_switch_turn: float = 0.0
+    persona_switch_sentence: float = 0.0
     vocab_size: int = 1024
     # model: a Qwen2 decoder
     d_model: int = 128
@@ -104,7 +107,9 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"config": asdict(cfg), "torch_threads": torch.get_num_threads()}
     rng = random.Random(cfg.seed)
-    pretrain_docs = [world.pretraining_document(rng) for _ in range(cfg.n_pretrain_docs)]
+    pretrain_docs = [world.pretraining_document(rng, p_switch_turn=cfg.persona_switch_turn,
+                                                p_switch_sentence=cfg.persona_switch_sentence)
+                     for _ in range(cfg.n_pretrain_docs)]
     sft_docs = [world.sft_document(rng) for _ in range(cfg.n_sft_docs)]
 
     t0 = time.time()
