@@ -101,8 +101,9 @@ def make_marked_language(out: Path) -> None:
 
 
 def build(design: str, size: str, out: Path, seed: int) -> dict:
-    import torch
     from dataclasses import replace
+
+    import torch
 
     torch.set_num_threads(1)
     from emlib.world import organism
