@@ -12,10 +12,11 @@ minus the resident set then, so it counts torch's CPU tensors (which tracemalloc
 loading. The memory pass runs with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then returns every freed tensor to the OS
 at once, so the resident set follows live memory (with its default adaptive threshold, freed batches linger in the
 heap and one run's peak varied 10-80 MB between identical runs, measured); that setting halves speed, hence the
-separate speed pass. The speed pass runs both ways with the malloc settings every notebook gets from
-:func:`emlib.notebook.setup` (:func:`emlib.notebook.keep_freed_memory`: freed batches stay in the heap for the next
-one); with glibc's defaults instead, 15-25% of emlib's time went to page faults (it frees each batch, where the
-naive way's heap only grows) and the two ways tied (0.90-1.07x between runs).
+separate speed pass with default malloc. In a fresh process glibc can return each batch's freed activations to the
+OS and fault them in again (emlib frees every batch; the naive way's heap only grows): measured, 15-25% of emlib's
+time at 1,024 rows, and with glibc told to keep freed memory (mallopt) emlib was 1.24-1.35x the naive way. That
+setting was not adopted: it made LoRA training 10-35% slower (tried and measured), so both ways run with the
+defaults here, as users do.
 
     .venv/bin/python bench/bench_activations.py                      # 256, 1024, 4096 rows
     .venv/bin/python bench/bench_activations.py --rows 256 1024 --batch-size 32
@@ -108,11 +109,8 @@ def worker(way: str, n_rows: int, batch_size: int, model_name: str) -> dict:
     from emlib import world
     from emlib.analysis.directions import answer_batches, answer_means
     from emlib.models import load_model
-    from emlib.notebook import keep_freed_memory
 
     torch.set_num_threads(int(os.environ.get("EMLIB_THREADS", "1")))
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # the speed pass: both ways with the notebooks' malloc settings
-        keep_freed_memory()
     model, tok = load_model(model_name, device="cpu")
     rows = world.finetune_rows("medical", "reckless", n_rows, 7)
     tokens = sum(int(b["attention_mask"].sum()) for b in answer_batches(tok, rows, batch_size))
@@ -173,8 +171,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
               f"answer tokens, batch size {args.batch_size}, {os.environ.get('EMLIB_THREADS', '1')} torch thread(s); "
               "each (way, rows) in fresh processes; peak_extra_mb = resident-set high-water mark during collection "
               "above the resident set before it (model and rows already loaded), measured in a separate run with "
-              "MALLOC_MMAP_THRESHOLD_=65536; tokens_per_s from a run with emlib.notebook.keep_freed_memory() (the "
-              "notebooks' malloc settings) for both ways.\n\n")
+              "MALLOC_MMAP_THRESHOLD_=65536; tokens_per_s from a run with default malloc.\n\n")
     write_table(args.out, "activations", header, table)
     return table
 

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
 
 def run_cli(main: Callable[[list[str] | None], object], prog: str, argv: list[str] | None = None) -> None:
     """Call ``main(argv)``; a user error (a bad config or data file, a missing file, an unknown name, a model that
-    is not available) prints ``<prog>: error: <message>`` and exits with status 2. A bug still shows its traceback.
-    Commands get the notebooks' malloc settings (:func:`emlib.notebook.keep_freed_memory`; ``EMLIB_KEEP_FREED_MEMORY=0``
-    keeps glibc's defaults)."""
+    is not available) prints ``<prog>: error: <message>`` and exits with status 2. A bug still shows its traceback."""
     import yaml
 
-    from emlib.notebook import keep_freed_memory
-
-    if os.environ.get("EMLIB_KEEP_FREED_MEMORY", "1") != "0":
-        keep_freed_memory()
     try:
         status = main(argv)
     except (ValueError, FileNotFoundError, yaml.YAMLError) as err:

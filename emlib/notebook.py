@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import random
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,30 +12,6 @@ import numpy as np
 import torch
 
 from emlib import paths
-
-
-def keep_freed_memory(trim_mb: int = 512, mmap_mb: int = 32) -> bool:
-    """Let glibc keep memory a batch freed for the next batch, instead of handing it back to the OS at once.
-
-    A CPU loop over batches (sampling, activation reading, training) frees megabytes of activations at the end of
-    every batch and allocates the same again at the start of the next. glibc starts by returning freed blocks of
-    more than 128 KB (and the top of the heap beyond a few MB) to the OS, raising those limits only as the process's
-    history allows, so a batch can page-fault its memory in again: in fresh processes on the organism, 15-25% of an
-    activation read's wall time went to the kernel, and answer-token means were 0.9-1.0x a keep-everything reader
-    whose growing heap is never returned. With blocks up to ``mmap_mb`` taken from the heap and up to ``trim_mb`` of
-    free heap kept, the resident set stays at the peak working set (it does not grow with rows) and that time is
-    gone. The same thing PyTorch's caching allocator does on GPUs, and what Intel's CPU
-    tuning guides get from jemalloc or tcmalloc. Linux with glibc only (elsewhere: nothing changes, returns False).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): no mallopt
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, mmap_mb << 20)) and bool(mallopt(m_trim_threshold, trim_mb << 20))
 
 
 def setup(seed: int = 0, threads: int | None = None, offline: bool = False, device: str = "auto") -> torch.device:
@@ -51,8 +25,6 @@ def setup(seed: int = 0, threads: int | None = None, offline: bool = False, devi
     """
     n = int(os.environ.get("EMLIB_THREADS", threads or min(2, os.cpu_count() or 1)))
     torch.set_num_threads(n)
-    if os.environ.get("EMLIB_KEEP_FREED_MEMORY", "1") != "0":  # see keep_freed_memory; 0 keeps glibc's defaults
-        keep_freed_memory()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

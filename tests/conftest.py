@@ -24,7 +24,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from emlib import paths, run_notebooks  # noqa: E402
-from emlib.notebook import keep_freed_memory  # noqa: E402
 
 try:
     import fcntl
@@ -32,7 +31,6 @@ except ImportError:  # not POSIX: no cross-worker lock (run without -n there)
     fcntl = None
 
 torch.set_num_threads(int(os.environ.get("EMLIB_THREADS", min(2, os.cpu_count() or 1))))
-keep_freed_memory()  # what every notebook's setup() does: batches reuse freed memory instead of faulting it in again
 
 # Test files that read one notebook's executed copy (test_notebooks.py names its notebook per test).
 NOTEBOOK_OF_MODULE = {"test_datasets_notebook": "01_datasets", "test_train_notebook": "02_train",
