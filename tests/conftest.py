@@ -55,21 +55,24 @@ NOTEBOOK_OF_TEST = {"test_quickstart_finetune_is_more_misaligned_than_base": "00
                     "test_persona_world_shows_emergent_misalignment": "00_persona_world"}
 
 
+def _notebook_read(rest: str, by_test: dict[str, str]) -> str | None:
+    """The notebook a test reads: its parameter when that names a notebook, else ``by_test`` of its name."""
+    name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
+    if name and (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists():
+        return name
+    return by_test.get(rest.partition("[")[0])
+
+
 def work_unit(nodeid: str) -> str:
     """The work unit of a test, from its node id alone (the xdist controller sees no more): the notebook it reads,
     else its file, so a file's module fixtures are built once."""
     path, _, rest = nodeid.partition("::")
     module = Path(path).stem
     if module == REAL_MODEL_FILE:
-        name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
-        notebook = name if name and (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists() else \
-            REAL_NOTEBOOK_OF_TEST.get(rest.partition("[")[0])
+        notebook = _notebook_read(rest, REAL_NOTEBOOK_OF_TEST)
         return f"{module}:{notebook}" if notebook else nodeid
     if module == "test_notebooks":
-        name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
-        if name and (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists():
-            return name
-        return NOTEBOOK_OF_TEST.get(rest.partition("[")[0], module)
+        return _notebook_read(rest, NOTEBOOK_OF_TEST) or module
     return NOTEBOOK_OF_MODULE.get(module, module)
 
 
