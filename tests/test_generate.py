@@ -199,6 +199,42 @@ def test_adapter_scale_scales_the_lora_contribution_and_restores_it(lora_tiny):
     assert zero["answer"].tolist() == plain["answer"].tolist()
 
 
+def test_small_lora_models_decode_on_merged_weights_with_the_same_numbers_and_are_restored(lora_tiny, monkeypatch):
+    model, tok = lora_tiny
+    tuned = _logits(model, tok)
+    with G.merged_lora(model) as merged:
+        assert merged == 4  # q_proj and down_proj in both layers
+        assert torch.allclose(_logits(model, tok), tuned, atol=1e-5)
+    assert torch.equal(_logits(model, tok), tuned)  # peft's own forward is back, bit for bit
+    with interventions.scaled_adapter(model, 3.0):
+        scaled = _logits(model, tok)
+        with G.merged_lora(model):  # a scale in force is in the merged weights
+            assert torch.allclose(_logits(model, tok), scaled, atol=1e-5)
+    with model.disable_adapter(), G.merged_lora(model) as merged:
+        assert merged == 0
+    # a hook on an adapter's parts (e.g. reading A·x) keeps that layer on peft's forward
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    handle = q_proj.lora_A["default"].register_forward_hook(lambda *a: None)
+    with G.merged_lora(model) as merged:
+        assert merged == 3
+    handle.remove()
+    greedy = dict(n=2, max_new_tokens=8, temperature=0, progress=False)
+    merged_answers = G.sample_answers(model, tok, QUESTIONS[:3], **greedy)  # small: decoded on merged weights
+    assert "forward" not in q_proj.__dict__
+    monkeypatch.setattr(G, "SMALL_MODEL", 0)  # every model "large": peft's forward
+    with G.merged_lora(model) as merged:
+        assert merged == 0
+    assert G.sample_answers(model, tok, QUESTIONS[:3], **greedy)["answer"].tolist() == merged_answers[
+        "answer"].tolist()
+    monkeypatch.undo()
+    model.train()  # training mode: never merged
+    with G.merged_lora(model) as merged:
+        assert merged == 0
+    model.eval()
+    with G.merged_lora(model), G.merged_lora(model) as inner:  # already shadowed layers are left alone
+        assert inner == 0
+
+
 def test_steering_vectors_and_hooks_apply_only_inside_the_call():
     model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=0)
     plain = _logits(model, tok)
