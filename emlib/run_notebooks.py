@@ -11,7 +11,9 @@ page with every figure's static image embedded: one file that any browser opens,
 Kernels: papermill runs each notebook on the ``python3`` kernel, which jupyter_client starts with the interpreter
 running this module (``sys.executable``: the ``.venv`` one under ``make run``), so nothing has to be registered; the
 kernel that ``make setup`` registers for people ("emlib (.venv)") is the same interpreter. The kernel talks to
-papermill over local sockets (IPC) on POSIX, not TCP ports.
+papermill over local sockets (IPC) on POSIX, not TCP ports. On POSIX each kernel starts warm: forked from one process
+per run that has already imported torch, transformers and emlib (:mod:`emlib.warm_kernels`; ``EMLIB_WARM_KERNELS=0``
+starts every kernel cold).
 
 Jobs: on a machine without a GPU the notebooks run two at a time (``--jobs``), each kernel on its share of the cores
 (``EMLIB_THREADS``), heaviest first. A notebook's small decode and training ops gain little from a second thread, so
@@ -40,7 +42,7 @@ import papermill as pm
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import CaselessStrEnum
 
-from emlib import paths
+from emlib import paths, warm_kernels
 
 NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
 # Reading order; a notebook not listed here runs after these, by name.
@@ -71,6 +73,15 @@ class LocalSocketKernelManager(AsyncKernelManager):
     """
 
     transport = CaselessStrEnum(["tcp", "ipc"], default_value="tcp" if os.name == "nt" else "ipc", config=True)
+
+    def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+        """ipykernel's command, started warm where it can be: forked from this run's zygote (emlib.warm_kernels),
+        which imported torch, transformers and the rest once for every kernel."""
+        cmd = super().format_kernel_cmd(extra_arguments)
+        if "ipykernel_launcher" not in cmd or (zygote := warm_kernels.start()) is None:
+            return cmd
+        args = cmd[cmd.index("ipykernel_launcher") + 1:]
+        return [sys.executable, "-m", "emlib.warm_kernels", "connect", str(zygote.path), *args]
 
     def _ip_default(self) -> str:
         """A socket-path prefix of this kernel's own: jupyter_client's default ("kernel-ipc" in the working folder,
