@@ -274,3 +274,20 @@ def test_patch_sources_say_when_a_side_has_no_donor():
         probing.patch_sources(only_medical, "medical", "swap")
     with pytest.raises(ValueError, match=r"\['group'\]"):
         probing.patch_sources(only_medical[["question"]], "medical")
+
+
+def test_test_scores_equal_scikit_learns_metrics_ties_and_empty_predictions_included():
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(4, 60))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]  # both classes, as every probe split has
+        prob = rng.integers(0, 5, n) / 4 if trial % 2 else rng.random(n)  # coarse scores: many ties
+        pred = (prob > 0.5).astype(int) if trial % 3 else np.zeros(n, dtype=int)  # no positive prediction at all
+        expected = [accuracy_score(y, pred), precision_score(y, pred, zero_division=0),
+                    recall_score(y, pred, zero_division=0), f1_score(y, pred, zero_division=0), roc_auc_score(y, prob)]
+        assert np.allclose(probing.test_scores(y, pred, prob), expected, rtol=0, atol=1e-12), trial
+    with pytest.raises(ValueError, match="both classes"):
+        probing.test_scores(np.ones(3, dtype=int), np.ones(3, dtype=int), np.ones(3))
