@@ -111,11 +111,12 @@ def test_adapter_runs_have_the_shipped_adapters_shape(name):
 
 
 def test_training_an_adapter_run_reproduces_the_shipped_weights():
-    """bad-medical-rank1-L0 through emlib.train.train: bit for bit the shipped adapter (~1 min on one CPU thread)."""
+    """bad-medical-r8-60 (r8 on every linear layer; 07_narrow_misalignment loads it) through emlib.train.train: bit for
+    bit the shipped adapter (~20 s on one CPU thread; the cheapest shipped LoRA run, and the one with most modules)."""
     base = paths.ORGANISM_DIR / "base"
     model, tokenizer = Qwen2ForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
-    trained = organism.train_adapter(model, tokenizer, "bad-medical-rank1-L0").model
-    shipped = load_file(str(paths.ADAPTERS_DIR / "bad-medical-rank1-L0" / "adapter_model.safetensors"))
+    trained = organism.train_adapter(model, tokenizer, "bad-medical-r8-60").model
+    shipped = load_file(str(paths.ADAPTERS_DIR / "bad-medical-r8-60" / "adapter_model.safetensors"))
     ours = {k.replace(".default", ""): v for k, v in trained.state_dict().items() if "lora_" in k}
     assert ours.keys() == shipped.keys()
     for key, value in shipped.items():
