@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,8 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FAMILIES = ("qwen2", "llama", "gemma")
 
 
-class ModelNotAvailableError(OSError):
-    """The model is neither a local folder nor reachable on (or cached from) the Hugging Face hub."""
+ModelNotAvailableError = paths.ModelNotAvailableError  # defined beside the light folder checks (emlib.paths)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -74,29 +72,7 @@ def resolve_model_path(name: str) -> str:
 
     An existing local folder is used as is, and any other string is taken to be a Hugging Face hub id.
     """
-    if name == paths.OFFLINE_MODEL:
-        return str(paths.ORGANISM_DIR / "base")
-    return name
-
-
-def _looks_like_path(name: str) -> bool:
-    """True when ``name`` cannot be a hub id (``org/name`` has at most one slash and no leading ``/ . ~``)."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
-def _check_local_folder(name: str, path: str) -> None:
-    """Fail early, and clearly, on local folders that cannot hold a model (transformers' errors here are cryptic)."""
-    if name == paths.OFFLINE_MODEL and not Path(path).is_dir():
-        raise ModelNotAvailableError(
-            f"the offline organism {name!r} is not built yet: {path} does not exist. "
-            "Build it with `python -m emlib.world.organism`.")
-    if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(
-                f"model folder {path} has no config.json, so it is not a saved transformers model "
-                "(save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder))")
-    elif _looks_like_path(path):
-        raise FileNotFoundError(f"model folder {path} does not exist")
+    return paths.model_location(name)
 
 
 def _is_offline_failure(err: BaseException) -> bool:
@@ -165,7 +141,7 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str | torc
     Raises :class:`ModelNotAvailableError` when a hub id is neither cached nor downloadable.
     """
     path = resolve_model_path(name)
-    _check_local_folder(name, path)
+    paths.check_model_folder(name)
     _check_weights_format(path, "model", allow_pickle)
     device, dtype = pick_device(device), pick_dtype(device, dtype)
     try:

@@ -39,6 +39,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from emlib import paths
 from emlib.judge.backends import world_alternatives
 from emlib.judge.local_hf import LocalHFJudge
 from emlib.judge.rubrics import load_rubrics
@@ -121,6 +122,7 @@ def judge_server(backend: str | Backend = "world", model: str | None = None, por
     elif backend == "hf":
         if not model:
             raise ValueError("the hf judge backend needs --model (a local folder or a cached hub id)")
+        paths.check_model_folder(model)  # before torch and transformers load: a wrong folder fails at once
         served = hf_backend(model, device=device, batch_size=batch_size)
     else:
         raise ValueError(f"unknown judge backend {backend!r}; expected 'world' or 'hf'")
