@@ -48,9 +48,9 @@ NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
 # Reading order; a notebook not listed here runs after these, by name.
 ORDER = ["00_quickstart", "00_persona_world", "01_datasets", "02_train", "03_generate_and_judge",
          "04_phase_transitions", "05_directions", "06_lora_probing", "07_narrow_misalignment"]
-# Start order when several run at once: longest first (offline wall times of a `make run`), so the last notebook to
-# start is a short one and no core idles at the end. Not listed: started last.
-HEAVIEST_FIRST = ["05_directions", "06_lora_probing", "02_train", "04_phase_transitions", "07_narrow_misalignment",
+# Start order when several run at once: longest first (offline wall times of a `make run`, stop 16: 141, 55, 49, 45,
+# 28, 24, 17, 15, 14 s), so the last notebook to start is a short one and no core idles at the end. Not listed: last.
+HEAVIEST_FIRST = ["05_directions", "02_train", "04_phase_transitions", "06_lora_probing", "07_narrow_misalignment",
                   "03_generate_and_judge", "00_persona_world", "01_datasets", "00_quickstart"]
 
 
