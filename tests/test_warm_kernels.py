@@ -92,9 +92,11 @@ def test_killing_a_warm_kernel_process_ends_the_forked_kernel(tmp_path):
     client = subprocess.Popen([sys.executable, "-m", "emlib.warm_kernels", "connect", str(zygote.path), "-f",
                                str(connection)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                env=dict(os.environ))  # as jupyter_client passes it
-    kernel = _child_of(zygote.process.pid)
-    client.send_signal(signal.SIGKILL)  # what jupyter_client does to a kernel that will not shut down
-    client.wait(timeout=10)
+    try:
+        kernel = _child_of(zygote.process.pid)
+    finally:
+        client.send_signal(signal.SIGKILL)  # what jupyter_client does to a kernel that will not shut down
+        client.wait(timeout=10)
     deadline = time.time() + 15
     while time.time() < deadline and _alive(kernel):
         time.sleep(0.1)
