@@ -7,6 +7,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 ORGANISM_DIR = DATA_DIR / "persona-world"  # the shipped offline organism (built by `python -m emlib.world.organism`)
 OFFLINE_MODEL = "persona-world"  # the name that resolves to ORGANISM_DIR / "base"
 ADAPTERS_DIR = ORGANISM_DIR / "adapters"  # shipped fine-tunes of the organism, one folder per recipe

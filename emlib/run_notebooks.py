@@ -44,7 +44,7 @@ from traitlets import CaselessStrEnum
 
 from emlib import paths, warm_kernels
 
-NOTEBOOK_DIR = paths.REPO_ROOT / "notebooks"
+NOTEBOOK_DIR = paths.NOTEBOOK_DIR
 # Reading order; a notebook not listed here runs after these, by name.
 ORDER = ["00_quickstart", "00_persona_world", "01_datasets", "02_train", "03_generate_and_judge",
          "04_phase_transitions", "05_directions", "06_lora_probing", "07_narrow_misalignment"]

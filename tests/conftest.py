@@ -21,16 +21,23 @@ if _WORKERS > 1:  # notebook kernels and subprocesses inherit it: one worker's s
     os.environ.setdefault("EMLIB_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-from emlib import paths, run_notebooks  # noqa: E402
+from emlib import paths  # noqa: E402  (light: torch and papermill are imported where tests need them)
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no cross-worker lock (run without -n there)
     fcntl = None
 
-torch.set_num_threads(int(os.environ.get("EMLIB_THREADS", min(2, os.cpu_count() or 1))))
+
+def pytest_sessionstart(session):
+    """Torch threads for the tests of this process; not in the xdist controller, which runs no test (importing torch
+    there only delayed the workers' start by seconds)."""
+    if getattr(session.config.option, "numprocesses", None) and not hasattr(session.config, "workerinput"):
+        return
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("EMLIB_THREADS", min(2, os.cpu_count() or 1))))
 
 # Test files that read one notebook's executed copy (test_notebooks.py names its notebook per test).
 NOTEBOOK_OF_MODULE = {"test_datasets_notebook": "01_datasets", "test_train_notebook": "02_train",
@@ -64,7 +71,7 @@ NOTEBOOK_OF_TEST = {"test_quickstart_finetune_is_more_misaligned_than_base": "00
 def _notebook_read(rest: str, by_test: dict[str, str]) -> str | None:
     """The notebook a test reads: its parameter when that names a notebook, else ``by_test`` of its name."""
     name = rest[rest.rfind("[") + 1:-1] if rest.endswith("]") else None
-    if name and (run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb").exists():
+    if name and (paths.NOTEBOOK_DIR / f"{name}.ipynb").exists():
         return name
     return by_test.get(rest.partition("[")[0])
 
@@ -137,7 +144,9 @@ def _run_once(name: str, run_dir, run_id: str) -> dict:
     marker = run_dir / name / f".test-run-{run_id}.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    src = run_notebooks.NOTEBOOK_DIR / f"{name}.ipynb"
+    from emlib import run_notebooks
+
+    src = paths.NOTEBOOK_DIR / f"{name}.ipynb"
     try:
         done = run_notebooks.run_notebook(src, run_dir)
     except Exception as err:  # papermill's error names the failing cell and its exception
