@@ -1,7 +1,7 @@
 """Warm notebook kernels: papermill's kernels forked from one process that has already imported the stack.
 
-Every notebook's first cell imports torch, transformers, pandas, plotly and emlib: about 6 s of CPU per kernel, paid
-again by each notebook of ``make run`` and by every notebook run of the test suite. Here one *zygote* process pays it
+Every notebook's first cell imports torch, transformers, pandas and emlib: 4.4-5.7 s of CPU per kernel, paid again
+by each notebook of ``make run`` and by every notebook run of the test suite. Here one *zygote* process pays it
 once per run: it imports the stack (and runs no torch op, so no thread pool exists yet), then forks one child per
 kernel. The child becomes an ordinary ipykernel (``ipykernel_launcher -f <connection file>``) in the caller's folder,
 with the caller's environment and standard streams. jupyter_client starts the small ``connect`` command below as the
@@ -10,7 +10,8 @@ and exits with the child's exit status; if it is killed, the child sees the conn
 
 A module may read an environment variable when it is imported, so a kernel whose environment differs from the
 zygote's in anything but per-kernel variables (:data:`PER_KERNEL`) starts the ordinary way instead, as does any
-kernel when the zygote is unreachable. ``EMLIB_WARM_KERNELS=0`` turns warm kernels off. POSIX only (fork).
+kernel when the zygote is unreachable (``EMLIB_WARM_KERNELS_DEBUG=1`` prints why a kernel started cold).
+``EMLIB_WARM_KERNELS=0`` turns warm kernels off. POSIX only (fork).
 
     python -m emlib.warm_kernels serve SOCKET             # the zygote (emlib.run_notebooks starts one per run)
     python -m emlib.warm_kernels connect SOCKET -f FILE   # a kernel (what jupyter_client runs)
