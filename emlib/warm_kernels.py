@@ -42,7 +42,10 @@ PRELOAD = ("ipykernel.zmqshell", "numpy", "pandas", "torch", "transformers", "tr
            "emlib.analysis.probing", "emlib.analysis.stability", "emlib.world")
 # Not ipykernel.kernelapp: its class reads JPY_PARENT_PID when imported, so each kernel imports it (0.1 s) itself.
 # Variables that may differ between the zygote and a kernel: read when used, never when a PRELOAD module is imported.
-PER_KERNEL = ("JPY_", "EMLIB_", "PYTEST_CURRENT_TEST")  # (pytest names the running test in the latter)
+# Named one by one: EMLIB_PW_LANGUAGE, for one, is read when emlib.world is imported, so it is not among them.
+PER_KERNEL = {"EMLIB_THREADS", "EMLIB_STATIC_FIGURES", "EMLIB_RUNS", "EMLIB_WARM_KERNELS", "EMLIB_WARM_KERNELS_DEBUG",
+              "PYTEST_CURRENT_TEST"}  # (pytest names the running test in the latter)
+PER_KERNEL_PREFIXES = ("JPY_",)  # jupyter_client's, per kernel
 PER_KERNEL_SUFFIXES = ("_API_KEY",)
 KERNEL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -57,7 +60,8 @@ def env_conflicts(before: dict[str, str], after: dict[str, str], kernel_env: dic
     their value could have mattered at import time, so such a kernel must start cold."""
     keys = before.keys() | after.keys() | kernel_env.keys()
     differ = {k for k in keys if kernel_env.get(k) not in (before.get(k), after.get(k))}
-    return sorted(k for k in differ if not k.startswith(PER_KERNEL) and not k.endswith(PER_KERNEL_SUFFIXES))
+    return sorted(k for k in differ
+                  if k not in PER_KERNEL and not k.startswith(PER_KERNEL_PREFIXES) and not k.endswith(PER_KERNEL_SUFFIXES))
 
 
 # ------------------------------------------------------------------------------------------ the zygote
@@ -126,8 +130,8 @@ def serve(path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
-    # the parent closing our stdin (or dying) ends the zygote; its kernels live on until their clients end
-    # (raw reads: a thread blocked in sys.stdin would hold its lock in every forked child)
+    # the parent closing our stdin (or dying) ends the zygote; its kernels end with their clients (or, orphaned, when
+    # ipykernel's parent poller sees it). Raw reads: a thread blocked in sys.stdin would hold its lock in every child.
     threading.Thread(target=_exit_at_eof, args=(0,), daemon=True).start()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     print("ready", flush=True)

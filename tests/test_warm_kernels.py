@@ -24,7 +24,8 @@ import plotly.io as pio
 import tqdm.auto
 import tqdm.notebook
 from ipykernel.kernelapp import IPKernelApp
-seen = {"preloaded": preloaded, "ppid": os.getppid(), "cwd": os.getcwd(), "marker": os.environ.get("EMLIB_PROBE"),
+seen = {"preloaded": preloaded, "ppid": os.getppid(), "cwd": os.getcwd(),
+        "marker": os.environ.get("EMLIB_STATIC_FIGURES"),
         "threads": os.environ.get("EMLIB_THREADS"), "notebook_bars": issubclass(tqdm.auto.tqdm, tqdm.notebook.tqdm),
         "renderer": pio.renderers.default, "max_columns": pd.get_option("display.max_columns"),
         "parent_handle_is_jupyter": IPKernelApp.instance().parent_handle == int(os.environ["JPY_PARENT_PID"]),
@@ -56,7 +57,7 @@ def probe(tmp_path):
 def test_a_warm_kernel_is_forked_from_the_zygote_and_looks_like_a_cold_one(probe, monkeypatch):
     zygote = warm_kernels.start()
     assert zygote is not None
-    monkeypatch.setenv("EMLIB_PROBE", "set after the zygote started")  # per-kernel variables pass through
+    monkeypatch.setenv("EMLIB_STATIC_FIGURES", "set after the zygote started")  # per-kernel variables pass through
     warm = probe("warm")
     assert warm.pop("preloaded") and warm.pop("ppid") == zygote.process.pid
     monkeypatch.setenv("EMLIB_WARM_KERNELS", "0")
@@ -84,6 +85,8 @@ def test_environment_conflicts_ignore_per_kernel_variables_and_what_imports_set(
     assert warm_kernels.env_conflicts(before, after, {**same, "HF_HOME": "/b", "PLOTLY_RENDERER": "png"}) == [
         "HF_HOME", "PLOTLY_RENDERER"]
     assert warm_kernels.env_conflicts(before, after, {"PATH": "/bin"}) == ["HF_HOME"]  # removed counts too
+    # an emlib variable read when emlib.world is imported is no per-kernel variable
+    assert warm_kernels.env_conflicts(before, after, {**same, "EMLIB_PW_LANGUAGE": "v2.yaml"}) == ["EMLIB_PW_LANGUAGE"]
 
 
 def test_killing_a_warm_kernel_process_ends_the_forked_kernel(tmp_path):
