@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from emlib.chat import chat_prompt
 from emlib.interventions import Steering, scaled_adapter, steered
+from emlib.models import count_parameters
 
 COLUMNS = ["question_idx", "question", "sample", "answer", "ended"]
 ENGINES = ("loop", "hf")
@@ -124,6 +125,12 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
 SMALL_MODEL = 20_000_000  # parameters
 
 
+def is_small(model: nn.Module) -> bool:
+    """Under :data:`SMALL_MODEL` parameters: sampled on one CPU thread (:func:`cpu_threads`) and with LoRA layers
+    merged (:func:`merged_lora`)."""
+    return count_parameters(model) < SMALL_MODEL
+
+
 @contextmanager
 def cpu_threads(model: nn.Module, threads: int | None = None) -> Iterator[None]:
     """Torch threads for sampling on CPU, restored after: ``threads``, or for None one thread for a small model.
@@ -135,7 +142,7 @@ def cpu_threads(model: nn.Module, threads: int | None = None) -> Iterator[None]:
     if next(model.parameters()).device.type != "cpu":
         yield
         return
-    if threads is None and sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
+    if threads is None and is_small(model):
         threads = 1
     previous = torch.get_num_threads()
     if threads:
@@ -173,7 +180,7 @@ def merged_lora(model: nn.Module) -> Iterator[int]:
 
 
 def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
-    if model.training or sum(p.numel() for p in model.parameters()) >= SMALL_MODEL:
+    if model.training or not is_small(model):
         return []
     try:
         from peft.tuners.lora import Linear as LoraLinear
