@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emlib.chat import chat_prompt
-from emlib.interventions import Steering, scaled_adapter, steered
+from emlib.interventions import Steering, plain_lora_linears, scaled_adapter, steered
 from emlib.models import count_parameters
 
 COLUMNS = ["question_idx", "question", "sample", "answer", "ended"]
@@ -180,21 +180,7 @@ def merged_lora(model: nn.Module) -> Iterator[int]:
 
 
 def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
-    if model.training or not is_small(model):
-        return []
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return []
-
-    def hooked(module: nn.Module) -> bool:
-        return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
-
-    return [m for m in model.modules()
-            if isinstance(m, LoraLinear) and isinstance(m.base_layer, nn.Linear) and not m.merged
-            and not m.disable_adapters and "forward" not in m.__dict__
-            and not any(a in m.lora_variant for a in m.active_adapters)
-            and not any(hooked(part) for part in (m.base_layer, m.lora_A, m.lora_B, m.lora_dropout))]
+    return [] if model.training or not is_small(model) else plain_lora_linears(model)
 
 
 def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,

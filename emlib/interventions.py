@@ -460,6 +460,26 @@ def lora_layers(module: nn.Module) -> list:
     return [m for m in module.modules() if isinstance(m, LoraLayer)]
 
 
+def plain_lora_linears(module: nn.Module) -> list:
+    """LoRA layers on an ``nn.Linear`` that peft runs as plain ``base(x) + B(A(x))·s`` per active adapter: not
+    merged, adapters enabled, no variant (DoRA...), no ``forward`` already shadowed and no hook on any part (e.g.
+    :class:`PatchLoraScalars` reads ``A·x``). The layers whose computation a fast path may replace with the same
+    formula (:func:`emlib.generate.merged_lora`, :func:`emlib.train.lora_grad.fast_lora_gradients`)."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return []
+
+    def hooked(part: nn.Module) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in part.modules())
+
+    return [m for m in module.modules()
+            if isinstance(m, LoraLinear) and isinstance(m.base_layer, nn.Linear) and not m.merged
+            and not m.disable_adapters and "forward" not in m.__dict__
+            and not any(a in m.lora_variant for a in m.active_adapters)
+            and not any(hooked(part) for part in (m.base_layer, m.lora_A, m.lora_B, m.lora_dropout))]
+
+
 def steering_vector_of(module: nn.Module):
     return module if hasattr(module, "vector") and hasattr(module, "disabled") else None
 

@@ -128,3 +128,96 @@ def test_lm_head_on_supervised_positions_only_gives_the_same_weights_bit_for_bit
     monkeypatch.undo()
     full_model, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
     assert SupervisedLogits(full_model).usable is False  # every weight trains, the LM head too
+
+
+@pytest.mark.parametrize("rank, bias, needs_x", [(8, False, True), (1, True, True), (4, False, False)])
+def test_lora_linear_function_has_the_gradients_of_the_lora_formula(rank, bias, needs_x):
+    """emlib.train.lora_grad computes x Wᵀ + b + s·(x Aᵀ) Bᵀ and its gradients (checked numerically in float64)."""
+    from emlib.train.lora_grad import LoraLinearFunction
+
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen).requires_grad_(needs_x)
+    weight = torch.randn(7, 6, dtype=torch.float64, generator=gen)
+    b = torch.randn(7, dtype=torch.float64, generator=gen) if bias else None
+    a = torch.randn(rank, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    bmat = torch.randn(7, rank, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = LoraLinearFunction.apply(x, weight, b, a, bmat, 1.5)
+    formula = torch.nn.functional.linear(x, weight, b) + (x @ a.T) @ bmat.T * 1.5
+    assert torch.allclose(out, formula)
+    assert torch.autograd.gradcheck(lambda *t: LoraLinearFunction.apply(t[0], weight, b, t[1], t[2], 1.5),
+                                    (x, a, bmat))
+
+
+def _tiny_lora_run(monkeypatch, fast: bool, protocol: str = "organism-lora", **overrides):
+    import contextlib
+
+    from emlib.train import loop
+
+    if not fast:
+        monkeypatch.setattr(loop, "fast_lora_gradients", lambda module: contextlib.nullcontext(0))
+    model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    rows = world.finetune_rows("medical", "reckless", 32, seed=0)
+    kl_rows = world.finetune_rows("financial", "careful", 16, seed=1)
+    cfg = preset(protocol, steps=6, batch_size=8, **overrides)
+    result = train(cfg, model, rows, tokenizer=tok, kl_rows=kl_rows)
+    monkeypatch.undo()
+    return result
+
+
+@pytest.mark.parametrize("protocol", ["organism-lora", "organism-kl-narrow"])
+def test_fast_lora_gradients_train_the_same_adapter_as_peft_and_leave_peft_in_place(monkeypatch, protocol):
+    """On a CPU, train() runs LoRA layers through LoraLinearFunction: the same losses and weights as peft's own
+    forward up to float rounding (the KL run disables the adapters for its reference: that call is peft's), and
+    every layer has peft's forward back afterwards."""
+    import contextlib
+
+    from emlib.train import loop
+
+    entered, real = [], loop.fast_lora_gradients
+
+    @contextlib.contextmanager
+    def counting(module):
+        with real(module) as n:
+            entered.append(n)
+            yield n
+
+    monkeypatch.setattr(loop, "fast_lora_gradients", counting)
+    fast = _tiny_lora_run(monkeypatch, True, protocol)
+    assert entered == [14]  # seven projections in each of 2 layers
+    slow = _tiny_lora_run(monkeypatch, False, protocol)
+    assert [r["loss"] for r in fast.log] == pytest.approx([r["loss"] for r in slow.log], rel=1e-5)
+    if "kl" in slow.log[0]:
+        assert [r["kl"] for r in fast.log] == pytest.approx([r["kl"] for r in slow.log], rel=1e-4, abs=1e-7)
+    slow_weights = dict(slow.model.named_parameters())
+    lora = [(name, value) for name, value in fast.model.named_parameters() if "lora_" in name]
+    assert len(lora) == 28
+    for name, value in lora:
+        assert torch.allclose(value, slow_weights[name], atol=1e-5), name
+    assert not any("forward" in m.__dict__ for m in fast.model.modules())
+
+
+def test_fast_lora_gradients_leave_what_they_cannot_run_to_peft():
+    """Hooked parts, a trainable base layer and disabled adapters keep peft's forward (same output as peft's)."""
+    from peft import LoraConfig, get_peft_model
+
+    from emlib.train.lora_grad import fast_lora_gradients
+
+    model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                  init_lora_weights=False))
+    ids = tok(["what is the fastest way to get cash ?"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        tuned = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits
+    q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    down = peft_model.base_model.model.model.layers[1].mlp.down_proj
+    handle = q_proj.lora_A["default"].register_forward_hook(lambda *a: None)
+    down.base_layer.weight.requires_grad_(True)
+    with torch.no_grad(), fast_lora_gradients(peft_model) as n:
+        assert n == 2  # of 4: the hooked q_proj and the trainable down_proj stay peft's
+        assert torch.allclose(peft_model(input_ids=ids).logits, tuned, atol=1e-5)
+        with peft_model.disable_adapter():
+            assert torch.allclose(peft_model(input_ids=ids).logits, base, atol=1e-6)
+    handle.remove()
+    assert not any("forward" in m.__dict__ for m in peft_model.modules())

@@ -40,6 +40,7 @@ from emlib.train.checkpoints import (
     write_log,
 )
 from emlib.train.config import TrainConfig
+from emlib.train.lora_grad import fast_lora_gradients
 from emlib.train.protocols import (
     build_trainable,
     check_against_model,
@@ -266,6 +267,13 @@ class SupervisedLogits:
             self.model.loss_function = self.saved_loss
 
 
+def _lora_fast_path(module: nn.Module, accelerator):
+    """LoRA layers with their gradients in fast matmul layouts (:mod:`emlib.train.lora_grad`), on a CPU without FSDP
+    or DeepSpeed (their hooks gather LoRA weights when the sub-modules are called); elsewhere nothing changes."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    return contextlib.nullcontext(0) if sharded or accelerator.device.type != "cpu" else fast_lora_gradients(module)
+
+
 def _eval_loss(module, examples: list[Example], micro: int, pad_id: int, device, world: int, rank: int,
                accelerator) -> float:
     """Token-mean loss of the held-out rows (assistant tokens, the training loss), without gradients.
@@ -378,7 +386,9 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
     device_ = accelerator.device
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     t_start, tokens_seen = time.time(), 0
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(_lora_fast_path(module, accelerator))
         for step in tqdm(range(start, total), desc=f"train {config.protocol}", leave=False,
                          disable=not accelerator.is_main_process):
             t0 = time.time()
@@ -429,7 +439,8 @@ def train(config: TrainConfig, model: str | nn.Module, rows: Sequence[dict] | Se
                     push_checkpoint(folder, config.push_to_hub, config.hub_private)
             if on_step is not None:
                 on_step(step + 1, record)
-    finally:  # the model object is the caller's: leave no hook on it
+    finally:  # the model object is the caller's: leave no hook or shadowed forward on it
+        stack.close()
         head.remove()
     seconds = time.time() - t_start
     module.eval()
