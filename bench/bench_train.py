@@ -17,7 +17,9 @@ round so machine load hits them alike:
   16 sequences with several rows, so a step would train on other rows and tokens than emlib's 16 rows.
 
 "TRL tuned" is the fastest of the fp32, no-grad-checkpointing contenders in this run (``x TRL tuned``). emlib runs
-the organism-lora preset as shipped (the LM head on assistant positions only: the same weights bit for bit).
+the organism-lora preset as shipped: the LM head on assistant positions only (the same weights bit for bit) and, on a
+CPU, LoRA layers through ``emlib.train.lora_grad`` (the same formula with its rank-r gradients in fast matmul layouts:
+the same weights up to float rounding); TRL runs peft's LoRA layers.
 
 Tokens/s = non-padding tokens of the rows trained on / wall time of the training loop (model loading, tokenising the
 data set and building the trainer are excluded for both).
