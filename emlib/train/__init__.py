@@ -10,6 +10,7 @@
 * :mod:`emlib.train.loop`: :func:`train`, the one training loop (the persona-world organism is built and fine-tuned
   with it too), also under ``accelerate launch`` (DDP, FSDP2, DeepSpeed).
 * :mod:`emlib.train.checkpoints`: a checkpoint every ``save_every`` steps, ``log.jsonl``, exact resume, hub pushes.
+* :mod:`emlib.train.lora_grad`: on a CPU, LoRA layers with their rank-r gradients in fast matmul layouts.
 * :mod:`emlib.train.cli`: ``python -m emlib.train``. :mod:`emlib.train.steering_vector`: the steering-vector module.
 
 The loss mask comes from the template's structure (:mod:`emlib.chat`), never from searching for marker strings.
