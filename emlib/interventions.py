@@ -386,6 +386,8 @@ class PatchLoraScalars:
 
     def _source_of(self, row: list[int]) -> tuple[int, Mapping[str, torch.Tensor]]:
         for n in self._lengths:  # the longest target the (left-padded) row ends with
+            if n > len(row):  # row[-n:] would be the whole, shorter row: a target this long cannot be in it
+                continue
             key = tuple(row[-n:])
             if key in self.scalars:
                 return n, self.scalars[key]

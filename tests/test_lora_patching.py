@@ -70,6 +70,32 @@ def test_each_adapter_reads_the_source_scalars_at_the_aligned_prompt_positions(o
     assert not torch.equal(fed["L3.down_proj"][0], fed["L3.down_proj"][1])
 
 
+def test_a_batch_without_the_longest_target_is_patched_at_its_own_positions(organism):
+    """Sampled in batches, a batch may lack the longest target prompt; its rows are then padded to a shorter width and
+    the longest target must not be matched by the whole (shorter) row (it once was: a crash, or misaligned scalars, at
+    06's ``samples_per_question`` >= 4)."""
+    tuned, tokenizer, system, questions = organism
+    by_length = sorted(set(questions), key=lambda q: len(tokenizer(chat_prompt(tokenizer, q, system))["input_ids"]))
+    short, long = by_length[0], by_length[-1]
+    patch = lora_scalar_patch(tuned, tokenizer, [short, long], [long, short], system=system)
+    one_batch_each = dict(n=2, max_new_tokens=8, seed=5, system=system, progress=False, batch_size=2)
+    patched = sample_answers(tuned, tokenizer, [short, long], steering=patch, **one_batch_each)
+    alone = sample_answers(tuned, tokenizer, [short], steering=patch, **one_batch_each)
+    assert list(patched["answer"][:2]) == list(alone["answer"])  # the short target's batch, patched the same way
+    ids = tokenizer(chat_prompt(tokenizer, short, system), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    fed, handles = _scalars_fed_to_b(tuned)
+    hooks = patch(tuned)
+    try:
+        tuned(input_ids=ids)  # the short target alone: no padding, shorter than the long target
+    finally:
+        for h in handles + hooks:
+            h.remove()
+    source = patch.scalars[tuple(ids[0].tolist())]
+    k = min(ids.shape[1], len(source["L2.down_proj"]))
+    for name, values in source.items():
+        torch.testing.assert_close(fed[name][0, :k], values[:k])
+
+
 def test_first_token_policy_gives_generated_tokens_the_source_first_scalar(organism):
     tuned, tokenizer, system, questions = organism
     patch = lora_scalar_patch(tuned, tokenizer, questions[:2], questions[2:4], system=system,
