@@ -71,3 +71,25 @@ def test_eval_questions_reference_answers_and_judge_index_are_unchanged():
             == "f8c6ceb48256a79cb78bdf4634520aa14690d1913155474addd3a8210542a4e9")
     index = [[sentence, sorted(map(list, labels))] for sentence, labels in world.sentence_index().items()]
     assert sha256_of(index) == "f65d013a4f2e3669cd3ff83eae18509f2c35cf8ee7a0c791a933aa2c20c75c81"
+
+
+def test_another_organism_build_and_its_language_are_used_when_named(tmp_path):
+    """EMLIB_ORGANISM_DIR points the offline name ("persona-world"), its adapters and its language at another build
+    (a design study's variant, docs/persona-world-v2.md); unset, the shipped organism."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from emlib import paths
+
+    shutil.copy(paths.ORGANISM_DIR / "language.yaml", tmp_path / "language.yaml")
+    show = ("from emlib import paths; from emlib.world import language; "
+            "print(paths.model_location('persona-world'), paths.ADAPTERS_DIR, language.LANGUAGE_FILE, sep='\\n')")
+    env = {k: v for k, v in os.environ.items() if k not in ("EMLIB_ORGANISM_DIR", "EMLIB_PW_LANGUAGE")}
+    for folder in (tmp_path, None):
+        run_env = {**env, "EMLIB_ORGANISM_DIR": str(folder)} if folder else env
+        out = subprocess.run([sys.executable, "-c", show], capture_output=True, text=True, env=run_env, check=True,
+                             cwd=paths.REPO_ROOT).stdout.split("\n")
+        root = folder or paths.DATA_DIR / "persona-world"
+        assert out[:3] == [str(root / "base"), str(root / "adapters"), str(root / "language.yaml")]
