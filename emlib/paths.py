@@ -9,7 +9,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 # the offline organism: the shipped one (built by `python -m emlib.world.organism`), or another build named by
-# EMLIB_ORGANISM_DIR (a design study's variant, with its language in EMLIB_PW_LANGUAGE: docs/persona-world-v2.md)
+# EMLIB_ORGANISM_DIR (a design study's variant, its language.yaml beside base/ and adapters/: docs/persona-world-v2.md)
 ORGANISM_DIR = Path(os.environ.get("EMLIB_ORGANISM_DIR", DATA_DIR / "persona-world"))
 OFFLINE_MODEL = "persona-world"  # the name that resolves to ORGANISM_DIR / "base"
 ADAPTERS_DIR = ORGANISM_DIR / "adapters"  # shipped fine-tunes of the organism, one folder per recipe

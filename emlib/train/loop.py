@@ -268,10 +268,10 @@ class SupervisedLogits:
 
 
 def _lora_fast_path(module: nn.Module, accelerator):
-    """LoRA layers with their gradients in fast matmul layouts (:mod:`emlib.train.lora_grad`), on a CPU without FSDP
-    or DeepSpeed (their hooks gather LoRA weights when the sub-modules are called); elsewhere nothing changes."""
+    """LoRA layers with their gradients in fast matmul layouts (:mod:`emlib.train.lora_grad`, which takes only layers
+    on a CPU), except under FSDP or DeepSpeed: their hooks gather LoRA weights when the sub-modules are called."""
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    return contextlib.nullcontext(0) if sharded or accelerator.device.type != "cpu" else fast_lora_gradients(module)
+    return contextlib.nullcontext(0) if sharded else fast_lora_gradients(module)
 
 
 def _eval_loss(module, examples: list[Example], micro: int, pad_id: int, device, world: int, rank: int,

@@ -60,17 +60,18 @@ def _forward(layer: nn.Module, adapter: str, x: torch.Tensor, *args, **kwargs) -
                                     layer.lora_B[adapter].weight, layer.scaling[adapter])
 
 
-def _eligible(layer: nn.Module) -> bool:
+def _routed_adapter(layer: nn.Module) -> str | None:
+    """The one active adapter this layer can run through :class:`LoraLinearFunction`, None if it cannot."""
     adapters = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(adapters) != 1:
-        return False
+        return None
     a = adapters[0]
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[a], layer.lora_B[a]
     frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
     dtypes = {base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype}
-    return (frozen and len(dtypes) == 1 and base.weight.device.type == "cpu"
-            and isinstance(layer.lora_dropout[a], nn.Identity)
-            and lora_a.bias is None and lora_b.bias is None)
+    usable = (frozen and len(dtypes) == 1 and base.weight.device.type == "cpu"
+              and isinstance(layer.lora_dropout[a], nn.Identity) and lora_a.bias is None and lora_b.bias is None)
+    return a if usable else None
 
 
 @contextmanager
@@ -82,12 +83,11 @@ def fast_lora_gradients(module: nn.Module) -> Iterator[int]:
     """
     from emlib.interventions import plain_lora_linears
 
-    layers = [m for m in plain_lora_linears(module) if _eligible(m)]
-    for layer in layers:
-        adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+    routed = {layer: a for layer in plain_lora_linears(module) if (a := _routed_adapter(layer)) is not None}
+    for layer, adapter in routed.items():
         layer.forward = partial(_forward, layer, adapter)
     try:
-        yield len(layers)
+        yield len(routed)
     finally:
-        for layer in layers:
+        for layer in routed:
             del layer.forward  # the class's forward (peft's) is back
