@@ -38,7 +38,8 @@ from pathlib import Path
 # out on purpose: plotly (it picks its default renderer from the running shell when imported) and IPython.display.
 PRELOAD = ("ipykernel.zmqshell", "numpy", "pandas", "torch", "transformers", "transformers.modeling_utils", "peft",
            "safetensors.torch", "emlib.evaluation", "emlib.interventions", "emlib.models", "emlib.generate",
-           "emlib.judge", "emlib.train", "emlib.analysis.directions", "emlib.analysis.phase",
+           "emlib.judge", "emlib.train.loop", "emlib.train.protocols", "emlib.train.checkpoints",
+           "emlib.analysis.directions", "emlib.analysis.phase",
            "emlib.analysis.probing", "emlib.analysis.stability", "emlib.world")
 # Not ipykernel.kernelapp: its class reads JPY_PARENT_PID when imported, so each kernel imports it (0.1 s) itself.
 # Variables that may differ between the zygote and a kernel: read when used, never when a PRELOAD module is imported.

@@ -17,51 +17,37 @@ The loss mask comes from the template's structure (:mod:`emlib.chat`), never fro
 docs/training.md describes protocols, presets, the checkpoint layout and multi-GPU use.
 """
 
-from emlib.train.checkpoints import (
-    checkpoint_step,
-    list_checkpoints,
-    load_checkpoint,
-    load_weights,
-    push_checkpoint,
-    read_log,
-    save_checkpoint,
-)
-from emlib.train.cli import main
-from emlib.train.config import (
-    KL_REDUCTIONS,
-    NINE_ADAPTER_STARTS,
-    PRESETS,
-    PRESETS_FILE,
-    PROTOCOLS,
-    RUN_KEYS,
-    SCHEDULES,
-    SEVEN_PROJECTIONS,
-    TrainConfig,
-    config_from_spec,
-    load_presets,
-    load_rows,
-    multi_adapter_layers,
-    preset,
-)
-from emlib.train.loop import EpochStream, TrainResult, cosine_schedule, lr_factor, train
-from emlib.train.protocols import (
-    adapter_config,
-    build_trainable,
-    check_against_model,
-    kl_to_reference,
-    lora_config,
-    reference_mode,
-    resolved_layers,
-    trainable_parameters,
-    unwrapped,
-)
+import importlib
 
-__all__ = [
-    "KL_REDUCTIONS", "NINE_ADAPTER_STARTS", "PRESETS", "PRESETS_FILE", "PROTOCOLS", "RUN_KEYS", "SCHEDULES",
-    "SEVEN_PROJECTIONS", "EpochStream", "TrainConfig", "TrainResult", "adapter_config", "build_trainable",
-    "check_against_model",
-    "checkpoint_step", "config_from_spec", "cosine_schedule", "kl_to_reference", "list_checkpoints", "load_checkpoint",
-    "load_presets", "load_rows", "load_weights", "lora_config", "lr_factor", "main", "multi_adapter_layers", "preset",
-    "push_checkpoint", "read_log", "reference_mode", "resolved_layers", "save_checkpoint", "train",
-    "trainable_parameters", "unwrapped",
-]
+# Where each name lives. Loaded on first use (PEP 562), so ``python -m emlib.train`` checks its command line and run
+# spec before torch, transformers and peft are imported: a mistyped field is reported in well under a second.
+_HOMES = {
+    "checkpoints": ["checkpoint_step", "list_checkpoints", "load_checkpoint", "load_weights", "push_checkpoint",
+                    "read_log", "save_checkpoint"],
+    "cli": ["main"],
+    "config": ["KL_REDUCTIONS", "NINE_ADAPTER_STARTS", "PRESETS", "PRESETS_FILE", "PROTOCOLS", "RUN_KEYS", "SCHEDULES",
+               "SEVEN_PROJECTIONS", "TrainConfig", "config_from_spec", "load_presets", "load_rows",
+               "multi_adapter_layers", "preset"],
+    "loop": ["EpochStream", "TrainResult", "cosine_schedule", "lr_factor", "train"],
+    "protocols": ["adapter_config", "build_trainable", "check_against_model", "kl_to_reference", "lora_config",
+                  "reference_mode", "resolved_layers", "trainable_parameters", "unwrapped"],
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_SUBMODULES = {"checkpoints", "cli", "config", "loop", "lora_grad", "protocols", "steering_vector"}
+
+
+def __getattr__(name: str):
+    if name in _HOME_OF:
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME_OF[name]}"), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME_OF, *_SUBMODULES})
+
+
+__all__ = sorted(_HOME_OF)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from emlib.train.config import PRESETS, RUN_KEYS, TrainConfig, config_from_spec, load_rows
-from emlib.train.loop import TrainResult, train
+
+if TYPE_CHECKING:
+    from emlib.train.loop import TrainResult
 
 
 def main(argv: list[str] | None = None) -> TrainResult | None:
@@ -40,9 +41,6 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
         for name, cfg in PRESETS.items():
             print(f"{name}: {json.dumps({k: v for k, v in cfg.to_dict().items() if v != getattr(defaults, k)})}")
         return None
-    threads = args.threads or os.environ.get("EMLIB_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
     spec = yaml.safe_load(args.config.read_text()) if args.config else {}
     spec.update({k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None)})
     for item in args.set:
@@ -59,6 +57,13 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
         parser.error(f"missing {', '.join(missing)} (in the YAML or as --model / --data / --out)")
     rows = load_rows(run["data"])
     kl_rows = load_rows(run["kl_data"]) if run["kl_data"] else None
+    import torch  # only now: a bad spec or data file above is reported without waiting for torch to load
+
+    from emlib.train.loop import train
+
+    threads = args.threads or os.environ.get("EMLIB_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
     result = train(config, run["model"], rows, run["out_dir"], kl_rows=kl_rows, resume=not args.no_resume,
                    sources=(str(run["data"]), str(run["kl_data"])))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -19,15 +19,14 @@ import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from typing import TYPE_CHECKING
 
 from emlib import paths, train, world
-from emlib.chat import encode_chat
-from emlib.models import record_base
-from emlib.train.steering_vector import SteeredModel
-from emlib.world.tokenizer import build_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import Qwen2ForCausalLM
+# torch, transformers and the training loop are imported where they are used, so the command line reports a bad
+# argument or a missing organism folder before they load (seconds)
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,9 @@ def world_texts(rng: random.Random, n_docs: int) -> list[str]:
 
 
 def make_model(cfg: OrganismConfig, tokenizer) -> Qwen2ForCausalLM:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(cfg.seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -103,6 +105,12 @@ def _save(model, tokenizer, folder: Path) -> None:
 
 def build(cfg: OrganismConfig, out: Path) -> dict:
     """Build the organism into ``out`` and return the build record (also written to ``out/build.json``)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from emlib.chat import encode_chat
+    from emlib.world.tokenizer import build_tokenizer
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"config": asdict(cfg), "torch_threads": torch.get_num_threads()}
@@ -218,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--threads", type=int, default=2,
                        help="torch threads (2 measured 1.7x faster than 1 on an idle 2-core machine; 1 if shared)")
     args = parser.parse_args(argv)
+    if args.cmd == "adapters":
+        _check_built(args.organism)
+    import torch
+
     torch.set_num_threads(args.threads)
     if args.cmd == "build":
         cfg = BUILD_PRESETS[args.preset] if args.seed is None else replace(BUILD_PRESETS[args.preset], seed=args.seed)
@@ -230,12 +242,23 @@ def main(argv: list[str] | None = None) -> None:
             print(name, json.dumps(save_adapter(args.organism, name)))
 
 
-def save_adapter(organism_dir: Path, name: str) -> dict:
-    """Train adapter run ``name`` on ``organism_dir/base``; save it to ``organism_dir/adapters/name`` with its record."""
+def _check_built(organism_dir: Path) -> Path:
+    """The organism's ``base`` folder; an error saying how to build it if there is none."""
     base = Path(organism_dir) / "base"
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"no built organism in {organism_dir} (no base/config.json): build it first with "
                                 f"`python -m emlib.world.organism build --out {organism_dir}`")
+    return base
+
+
+def save_adapter(organism_dir: Path, name: str) -> dict:
+    """Train adapter run ``name`` on ``organism_dir/base``; save it to ``organism_dir/adapters/name`` with its record."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from emlib.models import record_base
+    from emlib.train.steering_vector import SteeredModel
+
+    base = _check_built(organism_dir)
     model = Qwen2ForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     result = train_adapter(model, tokenizer, name)
