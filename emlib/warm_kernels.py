@@ -34,13 +34,16 @@ import threading
 from pathlib import Path
 
 # The heavy imports of every notebook, done once in the zygote. Order matters: ipykernel.zmqshell first, so that
-# tqdm.auto (imported by transformers and emlib) picks its notebook progress bars, as it would inside a kernel. Left
-# out on purpose: plotly (it picks its default renderer from the running shell when imported) and IPython.display.
+# tqdm.auto (imported by transformers and emlib) picks its notebook progress bars, as it would inside a kernel.
+# plotly.express is safe to preload: plotly imports its renderer module (plotly.io._renderers, which picks the default
+# renderer from the running shell) only when a figure is first shown, in the kernel. nbformat is what that module
+# imports (1.3-2 s: jsonschema's rfc3987_syntax builds a parser on import) and kaleido draws the static PNGs: both
+# were paid again by every kernel's first figure. IPython.display is left to the kernel.
 PRELOAD = ("ipykernel.zmqshell", "numpy", "pandas", "torch", "transformers", "transformers.modeling_utils", "peft",
-           "safetensors.torch", "emlib.evaluation", "emlib.interventions", "emlib.models", "emlib.generate",
-           "emlib.judge", "emlib.train.loop", "emlib.train.protocols", "emlib.train.checkpoints",
-           "emlib.analysis.directions", "emlib.analysis.phase",
-           "emlib.analysis.probing", "emlib.analysis.stability", "emlib.world")
+           "safetensors.torch", "nbformat", "plotly.express", "kaleido", "emlib.evaluation", "emlib.interventions",
+           "emlib.models", "emlib.generate", "emlib.judge", "emlib.train.loop", "emlib.train.protocols",
+           "emlib.train.checkpoints", "emlib.analysis.directions", "emlib.analysis.phase", "emlib.analysis.probing",
+           "emlib.analysis.stability", "emlib.world")
 # Not ipykernel.kernelapp: its class reads JPY_PARENT_PID when imported, so each kernel imports it (0.1 s) itself.
 # Variables that may differ between the zygote and a kernel: read when used, never when a PRELOAD module is imported.
 # Named one by one: EMLIB_PW_LANGUAGE, for one, is read when emlib.world is imported, so it is not among them.

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="warm kernels fork: P
 # What a kernel looks like from inside: the first line is read before anything is imported.
 PROBE = """
 import sys
-preloaded = "torch" in sys.modules
+preloaded = all(m in sys.modules for m in ("torch", "nbformat", "plotly.express", "kaleido"))  # a figure's imports too
 import json, os
 import pandas as pd
 import plotly.io as pio
