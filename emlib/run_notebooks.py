@@ -83,6 +83,15 @@ class LocalSocketKernelManager(AsyncKernelManager):
         args = cmd[cmd.index("ipykernel_launcher") + 1:]
         return [sys.executable, "-m", "emlib.warm_kernels", "connect", str(zygote.path), *args]
 
+    async def _async_interrupt_kernel(self) -> None:
+        """Interrupt the kernel, except as the first step of shutting it down. jupyter_client interrupts before it asks
+        a kernel to shut down, in case it is still busy; papermill shuts a kernel down after its last cell, when it
+        is idle, and the signal then only raced ipykernel's own handlers, which logged "KeyboardInterrupt caught in
+        kernel" under `make run`. A kernel that does not exit on request is still killed after
+        ``shutdown_wait_time``; a cell timeout still interrupts (nbclient calls ``interrupt_kernel``)."""
+        if not self.shutting_down:
+            await super()._async_interrupt_kernel()
+
     def _ip_default(self) -> str:
         """A socket-path prefix of this kernel's own: jupyter_client's default ("kernel-ipc" in the working folder,
         when no connection file is named yet) is shared by every kernel this process starts, so two notebooks run

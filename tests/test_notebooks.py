@@ -140,6 +140,38 @@ def test_a_failing_notebook_stops_a_parallel_run(tmp_path):
         run_notebooks.run_all([bad, _timing_notebook(tmp_path / "good.ipynb")], tmp_path / "run", {}, jobs=2)
 
 
+def test_a_finished_notebook_is_shut_down_without_an_interrupt(tmp_path, monkeypatch):
+    """jupyter_client sends SIGINT before it asks a kernel to shut down. After a notebook's last cell the kernel is
+    idle, and that signal only raced ipykernel's handlers ("KeyboardInterrupt caught in kernel" in `make run`'s log):
+    the runner's kernels are asked to shut down without it, and an explicit interrupt still sends it."""
+    import asyncio
+    import signal
+
+    from jupyter_client.manager import KernelManager
+
+    sent = []
+    original = KernelManager._async_signal_kernel
+
+    async def spy(self, signum):
+        sent.append(signum)
+        await original(self, signum)
+
+    monkeypatch.setattr(KernelManager, "_async_signal_kernel", spy)
+    run_notebooks.run_notebook(_timing_notebook(tmp_path / "nb.ipynb"), tmp_path / "run")
+    assert signal.SIGINT not in sent
+
+    async def interrupt_a_running_kernel():
+        km = run_notebooks.LocalSocketKernelManager(kernel_name="python3")
+        await km.start_kernel()
+        try:
+            await km.interrupt_kernel()
+        finally:
+            await km.shutdown_kernel(now=True)
+
+    asyncio.run(interrupt_a_running_kernel())
+    assert sent == [signal.SIGINT]
+
+
 def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
     book = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("for _ in tqdm(range(2)): pass")
