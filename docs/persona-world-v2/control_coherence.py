@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,19 +31,14 @@ def _use(organism: Path | None, language: str | None) -> None:  # before emlib i
         os.environ["EMLIB_PW_LANGUAGE"] = str(Path(language).resolve())
 
 
-def _finetune(base_dir: Path, out: Path, **overrides) -> None:
+def _finetune(organism_dir: Path, **overrides) -> None:
     import torch
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from emlib.models import record_base
     from emlib.world import organism
 
     torch.set_num_threads(2)
     for run in RUNS:
-        model = Qwen2ForCausalLM.from_pretrained(base_dir / "base")
-        result = organism.train_adapter(model, AutoTokenizer.from_pretrained(base_dir / "base"), run, **overrides)
-        result.model.save_pretrained(out / "adapters" / run)
-        record_base(out / "adapters" / run, model, str(base_dir / "base"))
+        organism.save_adapter(organism_dir, run, **overrides)
 
 
 def sft(out: Path, steps: int, language: str | None) -> None:
@@ -56,10 +52,8 @@ def sft(out: Path, steps: int, language: str | None) -> None:
     from emlib.world import organism
 
     torch.set_num_threads(2)
-    from dataclasses import replace
-
     organism.build(replace(organism.OrganismConfig(), sft_steps=steps), out)
-    _finetune(out, out)
+    _finetune(out)
 
 
 def finetune(base_dir: Path, out: Path, steps: int | None, language: str | None) -> None:
@@ -68,7 +62,7 @@ def finetune(base_dir: Path, out: Path, steps: int | None, language: str | None)
         os.symlink(base_dir.resolve() / "base", out / "base")
     shutil.copy(base_dir / "language.yaml", out / "language.yaml")
     _use(out, language)
-    _finetune(out, out, **({"steps": steps} if steps else {}))
+    _finetune(out, **({"steps": steps} if steps else {}))
 
 
 def measure(organism_dir: Path | None) -> dict:

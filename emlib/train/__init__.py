@@ -33,7 +33,7 @@ _HOMES = {
                   "reference_mode", "resolved_layers", "trainable_parameters", "unwrapped"],
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
-_SUBMODULES = {"checkpoints", "cli", "config", "loop", "lora_grad", "protocols", "steering_vector"}
+_SUBMODULES = {*_HOMES, "lora_grad", "steering_vector"}  # and the two that export no name here
 
 
 def __getattr__(name: str):

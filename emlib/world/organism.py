@@ -251,8 +251,9 @@ def _check_built(organism_dir: Path) -> Path:
     return base
 
 
-def save_adapter(organism_dir: Path, name: str) -> dict:
-    """Train adapter run ``name`` on ``organism_dir/base``; save it to ``organism_dir/adapters/name`` with its record."""
+def save_adapter(organism_dir: Path, name: str, **overrides) -> dict:
+    """Train adapter run ``name`` on ``organism_dir/base``; save it to ``organism_dir/adapters/name`` with its record.
+    ``overrides``: config fields changed for this training (a design study's variant), recorded in its config."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from emlib.models import record_base
@@ -261,7 +262,7 @@ def save_adapter(organism_dir: Path, name: str) -> dict:
     base = _check_built(organism_dir)
     model = Qwen2ForCausalLM.from_pretrained(base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    result = train_adapter(model, tokenizer, name)
+    result = train_adapter(model, tokenizer, name, **overrides)
     folder = Path(organism_dir) / "adapters" / name
     if isinstance(result.model, SteeredModel):
         result.model.save(folder)
@@ -270,7 +271,7 @@ def save_adapter(organism_dir: Path, name: str) -> dict:
     record_base(folder, model, str(base))  # recorded portably: "persona-world" for the shipped organism
     run = ADAPTER_RUNS[name]
     record = {"preset": run.preset, "data": run.data, **({"kl_data": run.kl_data} if run.kl_data else {}),
-              "config": run.config.to_dict(),
+              "config": dataclasses.replace(run.config, **overrides).to_dict(),
               "final_loss": _tail_mean(result.log), "seconds": round(result.seconds, 1)}
     (folder / "record.json").write_text(json.dumps(record, indent=1))
     return record
