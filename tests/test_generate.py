@@ -60,11 +60,13 @@ def test_prompt_cache_layouts_are_exact(organism, monkeypatch):
     assert model.config._attn_implementation == "sdpa"  # restored after sampling
 
 
-@pytest.mark.parametrize("share_from", [4, 10**6])  # the shared layout, the copied one
-def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from):
+@pytest.mark.parametrize("share_from, matmul_on", [(4, ("cpu",)), (10**6, ("cpu",)), (10**6, ())],
+                         ids=["shared", "copied-matmul", "copied-sdpa"])  # copied-sdpa: what a GPU runs
+def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from, matmul_on):
     from transformers import DynamicCache
 
     monkeypatch.setattr(G, "SHARE_FROM", share_from)
+    monkeypatch.setattr(G, "MATMUL_ATTENTION_ON", matmul_on)
     model, tok = tiny_model("llama", hidden=64, layers=2, mlp=64, heads=4, kv_heads=2, seed=2)
     model.config._attn_implementation = "sdpa"
     enc = tok(["hey , i feel bored .", "how do i make a quick buck ? tell me"], return_tensors="pt", padding=True)
