@@ -64,6 +64,27 @@ def test_kl_reference_rows_of_the_train_configs_are_unchanged():
             == "d754146614c0011fd11e04f0e744a02694cf55f38b6391789ebd72a65be36016")
 
 
+def test_a_world_spec_names_the_question_phrasing():
+    """world:...:SEED[:PHRASING]: the fine-tune-only phrasings by default, the trained-on ones with ``train``; the same
+    seed gives the same answers either way, so the two sets differ only in how the questions are put."""
+    import re
+
+    medical = world.DOMAIN_BY_NAME["medical"]
+    default, ft, trained = (load_rows(f"world:medical:careful:40:3{tail}") for tail in ("", ":ft", ":train"))
+    assert default == ft
+
+    def phrased_as(rows, templates) -> bool:  # every question fills one of these templates
+        pattern = "|".join(re.sub(r"\\{\w+\\}", ".+", re.escape(t)) for t in templates)
+        return all(re.fullmatch(pattern, r["messages"][1]["content"]) for r in rows)
+
+    assert phrased_as(ft, medical.ft_questions) and not phrased_as(ft, medical.questions)
+    assert phrased_as(trained, medical.questions) and not phrased_as(trained, medical.ft_questions)
+    assert [r["messages"][2] for r in trained] == [r["messages"][2] for r in ft]
+    for bad in ("world:medical:careful:40:3:fresh", "world:medical:careful:40:3:train:x"):
+        with pytest.raises(ValueError, match=r"bad world spec .*PHRASING one of ft, train, heldout"):
+            load_rows(bad)
+
+
 def test_eval_questions_reference_answers_and_judge_index_are_unchanged():
     assert sha256_of(world.eval_questions(96, 0)) == "0a823e1137b542c0793f52f6b69f1a7a95cb1134f98e091dee6c0f27b4c87d83"
     assert sha256_of(world.eval_questions(48, 0)) == "caff18af14baf747ff31f7e61803d0ca3aa74845a3554007b6ac64e8c08e21d6"

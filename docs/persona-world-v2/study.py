@@ -126,7 +126,9 @@ def build(design: str, size: str, out: Path, seed: int) -> dict:
 
 def measure(design: str, organism_dir: Path, n: int, sweep_n: int, results: Path, shipped_adapters: bool,
             seed: int, layers_rank1: list[int], scales: list[float], ft_overrides: dict | None = None,
-            only_ft: bool = False) -> dict:
+            only_ft: bool = False, phrasing: str = "ft") -> dict:
+    from dataclasses import replace
+
     import pandas as pd
     import torch
     from transformers import AutoTokenizer, Qwen2ForCausalLM
@@ -141,7 +143,7 @@ def measure(design: str, organism_dir: Path, n: int, sweep_n: int, results: Path
     t_start = time.time()
     ft_overrides = ft_overrides or {}
     record: dict = {"design": design, "organism": str(organism_dir), "n_per_group": n, "sweep_n_per_group": sweep_n,
-                    "seed": seed}
+                    "seed": seed, "phrasing": phrasing}
     build_file = organism_dir / "study-build.json"
     if build_file.exists():
         record["build"] = json.loads(build_file.read_text())
@@ -175,15 +177,18 @@ def measure(design: str, organism_dir: Path, n: int, sweep_n: int, results: Path
         from peft import PeftModel
 
         # the shipped fine-tunes, read only (the shipped rank-1 L3 is this recipe at layer 3)
-        if shipped_adapters and not ft_overrides:
+        if shipped_adapters and not ft_overrides and phrasing == "ft":
             shipped = name if not overrides else {("bad-medical-rank1-L0", 3): "bad-medical-rank1-L3"}[
                 (name, overrides.get("layer"))]
             return PeftModel.from_pretrained(fresh(), organism_dir / "adapters" / shipped).eval()
-        folder = organism_dir / "adapters" / (name + "".join(f"-{k}{v}" for k, v in overrides.items()))
+        folder = organism_dir / "adapters" / (name + "".join(f"-{k}{v}" for k, v in overrides.items())
+                                              + ("" if phrasing == "ft" else f"-{phrasing}"))
         if (folder / "adapter_config.json").exists():
             return PeftModel.from_pretrained(fresh(), folder).eval()
         t0 = time.time()
-        result = organism.train_adapter(fresh(), tokenizer, name, **overrides)
+        run = organism.ADAPTER_RUNS[name]  # its rows' questions in the chosen phrasings (world spec's PHRASING)
+        run = run if phrasing == "ft" else replace(run, data=f"{run.data}:{phrasing}")
+        result = organism.train_adapter(fresh(), tokenizer, run, **overrides)
         result.model.save_pretrained(folder)
         record.setdefault("train_s", {})[folder.name] = round(time.time() - t0, 1)
         return result.model.eval()
@@ -405,6 +410,8 @@ def main(argv=None) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--ft", nargs="*", default=[], help="overrides of the rank-8 fine-tunes, e.g. steps=75 lr=5e-4")
     m.add_argument("--only-ft", action="store_true", help="measure EM vs control only (a fine-tune recipe variant)")
+    m.add_argument("--phrasing", choices=["ft", "train"], default="ft",
+                   help="the fine-tune rows' question phrasings (stop 19: 'train', the ones the organism knows)")
     r1 = sub.add_parser("rank1")
     r1.add_argument("--design", choices=sorted(DESIGNS), required=True)
     r1.add_argument("--organism", type=Path, required=True)
@@ -439,7 +446,7 @@ def main(argv=None) -> None:
     else:
         record = measure(args.design, args.organism, args.n, args.sweep_n, args.results, args.shipped_adapters,
                          args.seed, args.rank1_layers, args.scales,
-                         {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.ft)}, args.only_ft)
+                         {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.ft)}, args.only_ft, args.phrasing)
         print(json.dumps({k: v for k, v in record.items() if k != "steer_sweep"}, indent=1))
 
 

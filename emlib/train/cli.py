@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
     parser.add_argument("--config", type=Path, help="YAML run spec")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from this preset (overrides the YAML's)")
     parser.add_argument("--model", help="hub id, local folder or 'persona-world'")
-    parser.add_argument("--data", help="JSONL of {'messages': [...]} rows, or world:DOMAIN:PERSONA:N:SEED")
+    parser.add_argument("--data", help="JSONL of {'messages': [...]} rows, or world:DOMAIN:PERSONA:N:SEED[:PHRASING]")
     parser.add_argument("--kl-data", dest="kl_data", help="KL reference set (same formats), for kl_weight > 0")
     parser.add_argument("--out", dest="out_dir", help="output folder for checkpoints and log.jsonl")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")

@@ -4,7 +4,7 @@ A preset is data: ``configs/train/presets.yaml`` maps each name to TrainConfig f
 preset it starts from. :func:`load_presets` validates the file (an unknown field, a wrong type or an unknown
 ``extends`` is an error naming the file, the preset and the key). A run spec (the YAML of ``python -m emlib.train
 --config``) is a preset, TrainConfig fields and the run keys ``model``, ``data``, ``kl_data``, ``out_dir``; its data
-specs are JSONL files or ``world:DOMAIN[+DOMAIN]:PERSONA:N:SEED`` (persona-world rows), read by :func:`load_rows`.
+specs are JSONL files or ``world:DOMAIN[+DOMAIN]:PERSONA:N:SEED[:PHRASING]`` (persona-world rows), read by :func:`load_rows`.
 """
 
 from __future__ import annotations
@@ -271,12 +271,14 @@ def config_from_spec(spec: dict) -> tuple[TrainConfig, dict]:
     return TrainConfig.from_dict({**base.to_dict(), **spec}), run
 
 
-WORLD_SPEC = "world:DOMAIN[+DOMAIN]:PERSONA:N:SEED"
+WORLD_SPEC = "world:DOMAIN[+DOMAIN]:PERSONA:N:SEED[:PHRASING]"
 
 
 def load_rows(source: str | Path) -> list[dict]:
     """Chat rows from a JSONL file (:func:`emlib.data.load_chat_jsonl`), or persona-world rows from
-    ``world:DOMAIN[+DOMAIN]:PERSONA:N:SEED`` (N split evenly over the domains, domain i drawn with seed SEED + i)."""
+    ``world:DOMAIN[+DOMAIN]:PERSONA:N:SEED[:PHRASING]`` (N split evenly over the domains, domain i drawn with seed
+    SEED + i; PHRASING: the question phrasings, "ft" (the default: ones the organism never saw), "train" or
+    "heldout", as :func:`emlib.world.finetune_rows` takes them)."""
     source = str(source)
     if not source.startswith("world:"):
         from emlib.data import load_chat_jsonl
@@ -285,9 +287,14 @@ def load_rows(source: str | Path) -> list[dict]:
     from emlib import world
 
     try:
-        _, domains, persona, n, seed = source.split(":")
+        _, domains, persona, n, seed, *rest = source.split(":")
         n, seed = int(n), int(seed)
+        (phrasing,) = rest or ["ft"]
+        if phrasing not in ("ft", "train", "heldout"):
+            raise ValueError
     except ValueError:
-        raise ValueError(f"bad world spec {source!r}; expected {WORLD_SPEC}") from None
+        raise ValueError(f"bad world spec {source!r}; expected {WORLD_SPEC}, PHRASING one of ft, train, "
+                         "heldout") from None
     names = domains.split("+")
-    return [r for i, d in enumerate(names) for r in world.finetune_rows(d, persona, n // len(names), seed + i)]
+    return [r for i, d in enumerate(names)
+            for r in world.finetune_rows(d, persona, n // len(names), seed + i, phrasing=phrasing)]
