@@ -181,7 +181,17 @@ comparisons = {  # name -> per-answer label (1 / 0 / NA)
     "control: shuffled misaligned labels": pd.Series(np.random.default_rng(seed).permutation(mis.to_numpy()),
                                                      index=mis.index, dtype="Int64"),
 }
-probes, skipped = {}, {}
+probes, skipped = {}, {}  # skipped: comparison -> label counts (too few answers), or why a sub-probe could not run
+
+
+def probe_or_skip(label: str, fit) -> None:
+    """A probe on a subset of tokens (significant ones) may have too few in a class to split: say so, go on."""
+    try:
+        probes[label] = fit()
+    except ValueError as err:
+        skipped[label] = str(err)
+
+
 for name, answer_label in comparisons.items():
     per_class = answer_label.value_counts()
     if min(per_class.get(0, 0), per_class.get(1, 0)) < min_answers:
@@ -195,16 +205,16 @@ for name, answer_label in comparisons.items():
         probes[f"{name} (+ significance feature)"] = probing.probe(feats[adapters].assign(significance=token_sig), y,
                                                                    **run)
         top = token_sig >= np.quantile(token_sig, significance_quantile)
-        probes[f"{name} (significant tokens)"] = probing.probe(
-            feats.loc[top, adapters], y[top], **{**run, "groups": feats["row"][top] if split_by_answer else None})
+        probe_or_skip(f"{name} (significant tokens)", lambda: probing.probe(
+            feats.loc[top, adapters], y[top], **{**run, "groups": feats["row"][top] if split_by_answer else None}))
     if papers_protocol and name == "misaligned vs aligned":  # comparable with the papers' AUC 0.71-0.75
-        probes[f"{name} (papers' protocol)"] = probing.probe_as_papers(
-            feats[adapters], y, significance=token_sig, C=C, n_repeats=n_repeats, test_size=test_size, seed=seed)
+        probe_or_skip(f"{name} (papers' protocol)", lambda: probing.probe_as_papers(
+            feats[adapters], y, significance=token_sig, C=C, n_repeats=n_repeats, test_size=test_size, seed=seed))
 table = pd.DataFrame({name: {**r.row(), "answers (0 / 1)": f"{(comparisons[name.split(' (')[0]] == 0).sum()} / "
                                                           f"{(comparisons[name.split(' (')[0]] == 1).sum()}"}
                       for name, r in probes.items()}).T
 if skipped:
-    print("skipped (too few answers in a class):", skipped)
+    print("skipped:", skipped)
 table
 
 # %% [markdown]

@@ -221,6 +221,12 @@ def test_probe_inputs_that_cannot_work_name_the_problem():
         probing.probe(X, y, balance="oversample")
     with pytest.raises(ValueError, match="sample_weight"):
         probing.probe(X, y, sample_weight=-np.ones(len(y)))
+    # two of each class: enough per class, but a 0.2 test split holds one sample (06 met this: a strongly misaligned
+    # organism's few significant aligned tokens, balanced); named, not sklearn's error from inside a repeat
+    few = np.r_[np.flatnonzero(y == 0)[:2], np.flatnonzero(y == 1)[:2]]
+    for fit in (probing.probe, probing.probe_as_papers):
+        with pytest.raises(ValueError, match=r"4 samples \(\[2, 2\] per class\) at test_size 0.2 leave 1 for test"):
+            fit(X.iloc[few], y[few], test_size=0.2)
 
 
 def test_papers_probe_protocol_balances_z_scores_and_filters_by_significance_before_splitting():

@@ -227,10 +227,14 @@ def _check_probe_inputs(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
         if (per_group > 1).any():
             raise ValueError(f"groups must each carry a single label; group {per_group[per_group > 1].index[0]!r} "
                              "has both (labels belong to answers, groups to answers too)")
-    units = counts if groups is None else [len(np.unique(groups[y == c])) for c in (0, 1)]
+    units = [int(u) for u in counts] if groups is None else [len(np.unique(groups[y == c])) for c in (0, 1)]
+    what = "samples" if groups is None else "groups"
     if min(units) < 2:
-        raise ValueError(f"each class needs at least 2 {'samples' if groups is None else 'groups'} to split into "
-                         f"train and test; got {list(units)}")
+        raise ValueError(f"each class needs at least 2 {what} to split into train and test; got {units}")
+    n_test = int(np.ceil(test_size * sum(units)))  # as sklearn's StratifiedShuffleSplit sizes it
+    if min(n_test, sum(units) - n_test) < 2:
+        raise ValueError(f"{sum(units)} {what} ({units} per class) at test_size {test_size} leave {n_test} for "
+                         f"test and {sum(units) - n_test} for train; each side needs one of each class")
 
 
 def _split(y: np.ndarray, groups: np.ndarray | None, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
