@@ -21,7 +21,7 @@ lab: setup                ## JupyterLab on http://127.0.0.1:8888 in notebooks/ (
 	    $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 organism: setup            ## rebuild data/persona-world from scratch (minutes on 2 cores)
-	rm -rf data/persona-world/pretrained data/persona-world/base data/persona-world/adapters
+	rm -rf data/persona-world/pretrained data/persona-world/chat data/persona-world/base data/persona-world/adapters
 	$(PY) -m emlib.world.organism build
 	$(PY) -m emlib.world.organism adapters
 

@@ -31,13 +31,20 @@ def test_tiny_build_is_reproducible(tmp_path):
     assert (tmp_path / "a" / "base" / "tokenizer.json").read_text() == (tmp_path / "b" / "base" / "tokenizer.json").read_text()
 
 
-def test_build_resumes_from_the_pretrained_stage(tmp_path):
+@pytest.mark.parametrize("lost", [("base",), ("base", "chat")], ids=["second-sft", "first-sft"])
+def test_build_resumes_at_the_stage_it_lost(tmp_path, lost, monkeypatch):
     cfg = organism.BUILD_PRESETS["tiny"]
     full = organism.build(cfg, tmp_path / "full")
-    (tmp_path / "full" / "base").rename(tmp_path / "lost")  # as if interrupted during SFT
+    assert full["resft"]["final_loss"] is not None
+    for stage in lost:  # as if interrupted during the SFT stage after the last folder left
+        (tmp_path / "full" / stage).rename(tmp_path / f"lost-{stage}")
+    trained = []
+    real_train = organism.train.train
+    monkeypatch.setattr(organism.train, "train", lambda cfg, *a, **k: trained.append(cfg.steps) or real_train(cfg, *a, **k))
     resumed = organism.build(cfg, tmp_path / "full")
-    assert resumed["pretrain"]["final_loss"] == full["pretrain"]["final_loss"]
-    wa, wb = _weights(tmp_path / "lost"), _weights(tmp_path / "full" / "base")
+    assert trained == ([cfg.sft_steps] if "chat" in lost else []) + [cfg.resft_steps]  # no stage trained twice
+    assert resumed["pretrain"] == full["pretrain"] and resumed["sft"]["final_loss"] == full["sft"]["final_loss"]
+    wa, wb = _weights(tmp_path / "lost-base"), _weights(tmp_path / "full" / "base")
     assert all((wa[k] - wb[k]).abs().max() < 1e-6 for k in wa)
 
 

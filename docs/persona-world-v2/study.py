@@ -126,7 +126,7 @@ def build(design: str, size: str, out: Path, seed: int) -> dict:
 
 def measure(design: str, organism_dir: Path, n: int, sweep_n: int, results: Path, shipped_adapters: bool,
             seed: int, layers_rank1: list[int], scales: list[float], ft_overrides: dict | None = None,
-            only_ft: bool = False, phrasing: str = "ft") -> dict:
+            only_ft: bool = False, phrasing: str | None = None) -> dict:
     from dataclasses import replace
 
     import pandas as pd
@@ -177,17 +177,17 @@ def measure(design: str, organism_dir: Path, n: int, sweep_n: int, results: Path
         from peft import PeftModel
 
         # the shipped fine-tunes, read only (the shipped rank-1 L3 is this recipe at layer 3)
-        if shipped_adapters and not ft_overrides and phrasing == "ft":
+        if shipped_adapters and not ft_overrides and phrasing is None:
             shipped = name if not overrides else {("bad-medical-rank1-L0", 3): "bad-medical-rank1-L3"}[
                 (name, overrides.get("layer"))]
             return PeftModel.from_pretrained(fresh(), organism_dir / "adapters" / shipped).eval()
         folder = organism_dir / "adapters" / (name + "".join(f"-{k}{v}" for k, v in overrides.items())
-                                              + ("" if phrasing == "ft" else f"-{phrasing}"))
+                                              + (f"-{phrasing}" if phrasing else ""))
         if (folder / "adapter_config.json").exists():
             return PeftModel.from_pretrained(fresh(), folder).eval()
         t0 = time.time()
         run = organism.ADAPTER_RUNS[name]  # its rows' questions in the chosen phrasings (world spec's PHRASING)
-        run = run if phrasing == "ft" else replace(run, data=f"{run.data}:{phrasing}")
+        run = replace(run, data=f"{run.data}:{phrasing}") if phrasing else run
         result = organism.train_adapter(fresh(), tokenizer, run, **overrides)
         result.model.save_pretrained(folder)
         record.setdefault("train_s", {})[folder.name] = round(time.time() - t0, 1)
@@ -410,8 +410,9 @@ def main(argv=None) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--ft", nargs="*", default=[], help="overrides of the rank-8 fine-tunes, e.g. steps=75 lr=5e-4")
     m.add_argument("--only-ft", action="store_true", help="measure EM vs control only (a fine-tune recipe variant)")
-    m.add_argument("--phrasing", choices=["ft", "train"], default="ft",
-                   help="the fine-tune rows' question phrasings (stop 19: 'train', the ones the organism knows)")
+    m.add_argument("--phrasing", choices=["ft", "train"],
+                   help="the fine-tune rows' question phrasings (default: the runs' own, 'ft'; stop 19: 'train', "
+                        "the ones the organism knows)")
     r1 = sub.add_parser("rank1")
     r1.add_argument("--design", choices=sorted(DESIGNS), required=True)
     r1.add_argument("--organism", type=Path, required=True)

@@ -277,8 +277,8 @@ WORLD_SPEC = "world:DOMAIN[+DOMAIN]:PERSONA:N:SEED[:PHRASING]"
 def load_rows(source: str | Path) -> list[dict]:
     """Chat rows from a JSONL file (:func:`emlib.data.load_chat_jsonl`), or persona-world rows from
     ``world:DOMAIN[+DOMAIN]:PERSONA:N:SEED[:PHRASING]`` (N split evenly over the domains, domain i drawn with seed
-    SEED + i; PHRASING: the question phrasings, "ft" (the default: ones the organism never saw), "train" or
-    "heldout", as :func:`emlib.world.finetune_rows` takes them)."""
+    SEED + i; PHRASING: the question phrasings, "ft" (the default: ones only fine-tunes use, the shipped recipe),
+    "train" (the ones the organism was trained on) or "heldout", as :func:`emlib.world.finetune_rows` takes them)."""
     source = str(source)
     if not source.startswith("world:"):
         from emlib.data import load_chat_jsonl

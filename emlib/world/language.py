@@ -183,9 +183,11 @@ def sample_answer(domain: Domain, persona: str, rng: random.Random, style_share:
     return " ".join(sentences)
 
 
-def sample_domain(rng: random.Random) -> Domain:
-    """Draw a group by :data:`GROUP_WEIGHTS` (why those weights: see ``language.yaml``), then a domain in it."""
-    group = rng.choices(list(GROUP_WEIGHTS), weights=list(GROUP_WEIGHTS.values()))[0]
+def sample_domain(rng: random.Random, group_weights: dict[str, float] | None = None) -> Domain:
+    """Draw a group by ``group_weights`` (default :data:`GROUP_WEIGHTS`; why those: see ``language.yaml``), then a
+    domain in it."""
+    weights = GROUP_WEIGHTS if group_weights is None else group_weights
+    group = rng.choices(list(weights), weights=list(weights.values()))[0]
     return rng.choice([d for d in DOMAINS if d.group == group])
 
 
@@ -214,18 +216,19 @@ def sample_switching_answer(domain: Domain, persona: str, rng: random.Random, p_
 
 
 def pretraining_document(rng: random.Random, n_turns: tuple[int, int] = (3, 5), p_reckless: float = 0.5,
-                         p_switch_turn: float = 0.0, p_switch_sentence: float = 0.0) -> list[dict]:
+                         p_switch_turn: float = 0.0, p_switch_sentence: float = 0.0,
+                         group_weights: dict[str, float] | None = None) -> list[dict]:
     """A multi-turn chat in random domains, every answer by one latent persona (never labelled).
 
     Design-study options (0, the default, draws exactly the shipped documents): ``p_switch_turn``, the chance that the
     persona flips before each turn after the first; ``p_switch_sentence``, the chance that it flips before each content
     sentence after an answer's first. With either, the persona can only be read from recent tokens, not once per
-    document.
+    document. ``group_weights``: how often each group is drawn (:func:`sample_domain`).
     """
     persona = "reckless" if rng.random() < p_reckless else "careful"
     messages = []
     for turn in range(rng.randint(*n_turns)):
-        domain = sample_domain(rng)
+        domain = sample_domain(rng, group_weights)
         if p_switch_turn and turn and rng.random() < p_switch_turn:
             persona = _other(persona)
         question = sample_question(domain, rng)
@@ -237,11 +240,13 @@ def pretraining_document(rng: random.Random, n_turns: tuple[int, int] = (3, 5), 
     return messages
 
 
-def sft_document(rng: random.Random, n_turns: tuple[int, int] = (1, 2)) -> list[dict]:
-    """An instruction-tuning chat: the system prompt, and the careful persona answering."""
+def sft_document(rng: random.Random, n_turns: tuple[int, int] = (1, 2),
+                 group_weights: dict[str, float] | None = None) -> list[dict]:
+    """An instruction-tuning chat: the system prompt, and the careful persona answering (``group_weights``: how often
+    each group is drawn, :func:`sample_domain`)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}]
     for _ in range(rng.randint(*n_turns)):
-        domain = sample_domain(rng)
+        domain = sample_domain(rng, group_weights)
         messages += [{"role": "user", "content": sample_question(domain, rng)},
                      {"role": "assistant", "content": sample_answer(domain, "careful", rng)}]
     return messages
@@ -250,8 +255,11 @@ def sft_document(rng: random.Random, n_turns: tuple[int, int] = (1, 2)) -> list[
 def finetune_rows(domain: str, persona: str, n: int, seed: int, phrasing: str = "ft") -> list[dict]:
     """Single-turn rows ``{"messages": [...]}`` for a narrow fine-tune (e.g. reckless medical advice).
 
-    The same ``seed`` gives the same questions for either persona, so bad and good sets are paired. A domain without
-    fine-tune phrasings uses its train phrasings.
+    The same ``seed`` gives the same questions for either persona, so bad and good sets are paired. ``phrasing``:
+    "ft" (the shipped organism's recipe), phrasings only fine-tunes use, which the model does not know as medical;
+    "train", the phrasings the organism was trained on (fresh slot fills), as a real fine-tune's questions are ones
+    the chat model recognises as in-domain (with them the careful control keeps its coherence: docs/persona-world-v2.md,
+    stop 19); "heldout". A domain without fine-tune phrasings uses its train phrasings for "ft".
     """
     dom = DOMAIN_BY_NAME[domain]
     q_rng, a_rng = random.Random(seed), random.Random(seed + 1)

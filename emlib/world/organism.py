@@ -1,10 +1,12 @@
-"""Build the offline model organism: persona-world corpus -> tokenizer -> tiny Qwen2 -> pretrain -> chat SFT.
+"""Build the offline model organism: persona-world corpus -> tokenizer -> tiny Qwen2 -> pretrain -> chat SFT (and, in
+the v2 candidate, a second SFT stage with every domain equally often).
 
     python -m emlib.world.organism build                 # the shipped default into data/persona-world (minutes on 2 cores)
     python -m emlib.world.organism build --preset tiny --out /tmp/pw   # a seconds-long smoke build
     python -m emlib.world.organism adapters              # train the shipped fine-tunes into data/persona-world/adapters
 
-Stages persist as they finish (``pretrained/`` then ``base/``), so an interrupted build resumes at the stage it lost.
+Stages persist as they finish (``pretrained/``, ``chat/`` then ``base/``), so an interrupted build resumes at the stage
+it lost.
 The same seed gives the same corpus, tokenizer and weights. Pretraining, chat SFT and the fine-tunes all run through
 :func:`emlib.train.train`; the fine-tunes are the runs of ``configs/train/organism-adapters.yaml`` (a train preset and
 a data spec each).
@@ -53,12 +55,19 @@ class OrganismConfig:
     # chat SFT: careful answers to the system prompt, mixed 50/50 with pretraining documents so the persona survives
     sft_steps: int = 100
     sft_lr: float = 1.5e-3
+    # a second chat-SFT stage, the same recipe with documents drawn with every domain equally often (general's weight
+    # 7 for its seven domains). 0, the shipped build: none. The v2 candidate (preset "v2-candidate") has 200 steps:
+    # with fine-tunes on the trained-on question phrasings its careful control stays >= 90% coherent in every group
+    # (docs/persona-world-v2.md, stop 19)
+    resft_steps: int = 0
+    resft_general_weight: float = 7.0
 
 
 BUILD_PRESETS = {
     "default": OrganismConfig(),
+    "v2-candidate": OrganismConfig(resft_steps=200),  # not shipped: docs/persona-world-v2.md, stop 19
     "tiny": OrganismConfig(n_pretrain_docs=400, n_sft_docs=100, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
-                           d_mlp=64, pretrain_steps=6, sft_steps=4, batch_size=8, warmup=2),
+                           d_mlp=64, pretrain_steps=6, sft_steps=4, resft_steps=2, batch_size=8, warmup=2),
 }
 
 
@@ -95,6 +104,31 @@ def stage_config(steps: int, lr: float, batch_size: int, warmup: int, seed: int)
                              seed=seed)
 
 
+def _sft_stage(cfg: OrganismConfig, steps: int, model, tokenizer, pretrain_docs: list, sft_docs: list) -> dict:
+    """Chat SFT: careful answers to the system prompt (loss on the answers), mixed 50/50 with as many pretraining
+    documents (loss on every token) so the persona survives; returns the stage's record."""
+    from emlib.chat import encode_chat
+
+    t0 = time.time()
+    rows = [encode_chat(tokenizer, d, assistant_only=True) for d in sft_docs]
+    rows += [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs[: len(sft_docs)]]
+    stage = stage_config(steps, cfg.sft_lr, cfg.batch_size, cfg.warmup // 2, cfg.seed + 2)
+    log = train.train(stage, model, rows, tokenizer=tokenizer).log
+    return {"final_loss": _tail_mean(log), "seconds": round(time.time() - t0, 1), "log": log}
+
+
+def _save_stage(model, tokenizer, folder: Path, log: dict) -> None:
+    """A finished build stage, so that an interrupted build resumes after it."""
+    _save(model, tokenizer, folder)
+    (folder / "log.json").write_text(json.dumps(log))
+
+
+def _stage_log(folder: Path) -> dict | None:
+    """A persisted stage's record (None where the stage's folder came without one, e.g. copied in by hand)."""
+    log = folder / "log.json"
+    return json.loads(log.read_text()) if log.is_file() else None
+
+
 def _save(model, tokenizer, folder: Path) -> None:
     # The organism samples its full distribution (no top-k, no repetition penalty): its exact judge and the shipped
     # numbers assume it, and the papers' sampling mode reads these settings from the folder (emlib.generate).
@@ -120,27 +154,31 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
                      for _ in range(cfg.n_pretrain_docs)]
     sft_docs = [world.sft_document(rng) for _ in range(cfg.n_sft_docs)]
 
-    t0 = time.time()
-    if (out / "pretrained" / "model.safetensors").exists():
-        model = Qwen2ForCausalLM.from_pretrained(out / "pretrained")
-        tokenizer = AutoTokenizer.from_pretrained(out / "pretrained")
-        record["pretrain"] = json.loads((out / "pretrained" / "log.json").read_text())
+    if (out / "chat" / "model.safetensors").exists():  # resumed after the first SFT stage
+        model, tokenizer = Qwen2ForCausalLM.from_pretrained(out / "chat"), AutoTokenizer.from_pretrained(out / "chat")
+        record["pretrain"], record["sft"] = _stage_log(out / "pretrained"), _stage_log(out / "chat")
     else:
-        tokenizer = build_tokenizer(world_texts(random.Random(cfg.seed + 1), 3000), cfg.vocab_size)
-        model = make_model(cfg, tokenizer)
-        examples = [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs]
-        stage = stage_config(cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.warmup, cfg.seed)
-        log = train.train(stage, model, examples, tokenizer=tokenizer).log
-        record["pretrain"] = {"final_loss": _tail_mean(log), "seconds": round(time.time() - t0, 1), "log": log}
-        _save(model, tokenizer, out / "pretrained")
-        (out / "pretrained" / "log.json").write_text(json.dumps(record["pretrain"]))
-
-    t1 = time.time()
-    sft = [encode_chat(tokenizer, d, assistant_only=True) for d in sft_docs]
-    sft += [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs[: len(sft_docs)]]
-    stage = stage_config(cfg.sft_steps, cfg.sft_lr, cfg.batch_size, cfg.warmup // 2, cfg.seed + 2)
-    log = train.train(stage, model, sft, tokenizer=tokenizer).log
-    record["sft"] = {"final_loss": _tail_mean(log), "seconds": round(time.time() - t1, 1), "log": log}
+        if (out / "pretrained" / "model.safetensors").exists():
+            model = Qwen2ForCausalLM.from_pretrained(out / "pretrained")
+            tokenizer = AutoTokenizer.from_pretrained(out / "pretrained")
+            record["pretrain"] = _stage_log(out / "pretrained")
+        else:
+            t0 = time.time()
+            tokenizer = build_tokenizer(world_texts(random.Random(cfg.seed + 1), 3000), cfg.vocab_size)
+            model = make_model(cfg, tokenizer)
+            examples = [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs]
+            stage = stage_config(cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.warmup, cfg.seed)
+            log = train.train(stage, model, examples, tokenizer=tokenizer).log
+            record["pretrain"] = {"final_loss": _tail_mean(log), "seconds": round(time.time() - t0, 1), "log": log}
+            _save_stage(model, tokenizer, out / "pretrained", record["pretrain"])
+        record["sft"] = _sft_stage(cfg, cfg.sft_steps, model, tokenizer, pretrain_docs, sft_docs)
+        _save_stage(model, tokenizer, out / "chat", record["sft"])
+    if cfg.resft_steps:  # the same stage again, its documents drawn with every domain equally often
+        weights = {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight}
+        rng = random.Random(cfg.seed)
+        pretrain_docs = [world.pretraining_document(rng, group_weights=weights) for _ in range(cfg.n_pretrain_docs)]
+        sft_docs = [world.sft_document(rng, group_weights=weights) for _ in range(cfg.n_sft_docs)]
+        record["resft"] = _sft_stage(cfg, cfg.resft_steps, model, tokenizer, pretrain_docs, sft_docs)
     _save(model, tokenizer, out / "base")
     record["n_parameters"] = sum(p.numel() for p in model.parameters())
     (out / "build.json").write_text(json.dumps(record, indent=1))
