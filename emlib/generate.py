@@ -331,11 +331,10 @@ class PromptCache:
             self.keys = [_gather_rows(k, prompt_of_row, 0, self.n_prompt, max_new_tokens) for k in keys]
             self.values = [_gather_rows(v, prompt_of_row, 0, self.n_prompt, max_new_tokens) for v in values]
             room = self.prompt_mask.new_ones(len(prompt_mask), max_new_tokens)
-            visible = torch.cat([self.prompt_mask, room], 1)[prompt_of_row]  # (rows, prompt_len + max_new)
-            self.visible = visible[:, None, None, :]  # sdpa's boolean mask
-            # the same mask as scores to add (-inf on left padding), for the matmul attention on CPU
-            self.bias = torch.zeros(self.visible.shape, dtype=keys[0].dtype, device=visible.device).masked_fill_(
-                ~self.visible, float("-inf"))
+            visible = torch.cat([self.prompt_mask, room], 1)[prompt_of_row][:, None, None, :]  # (rows, 1, 1, keys)
+            # as scores to add (-inf on left padding): what the matmul attention adds, and an sdpa mask as well
+            self.bias = torch.zeros(visible.shape, dtype=keys[0].dtype, device=visible.device).masked_fill_(
+                ~visible, float("-inf"))
         self._group()
 
     @staticmethod
@@ -358,7 +357,7 @@ class PromptCache:
             filled = self.n_prompt + self.length
             self.keys = [_gather_rows(k, keep, 0, filled) for k in self.keys]
             self.values = [_gather_rows(v, keep, 0, filled) for v in self.values]
-            self.visible, self.bias = self.visible[keep], self.bias[keep]
+            self.bias = self.bias[keep]
         self._group()
 
     def advance(self) -> None:
@@ -392,7 +391,7 @@ class PromptCache:
         keys[:, :, end - 1], values[:, :, end - 1] = key[:, :, 0], value[:, :, 0]
         if query.device.type not in MATMUL_ATTENTION_ON:
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, keys[:, :, :end], values[:, :, :end], attn_mask=self.visible[..., :end], scale=scaling,
+                query, keys[:, :, :end], values[:, :, :end], attn_mask=self.bias[..., :end], scale=scaling,
                 enable_gqa=True)
             return out.transpose(1, 2)
         # On CPU, one query token per row: two batched matmuls and a softmax take half of sdpa's time at these shapes

@@ -36,18 +36,14 @@ def test_organism_corpus_is_unchanged():
     cfg = organism.BUILD_PRESETS["default"]
     assert (sha256_of(organism.world_texts(random.Random(cfg.seed + 1), 3000))
             == "f7d4d5e16c670148441d3629011064271309c8877c3a3c71194e8cf56a83156a")
-    rng = random.Random(cfg.seed)  # the order of draws in organism.build
-    pretrain = [world.pretraining_document(rng) for _ in range(cfg.n_pretrain_docs)]
-    sft = [world.sft_document(rng) for _ in range(cfg.n_sft_docs)]
+    pretrain, sft = organism.corpus(cfg)  # in the order of draws organism.build uses
     assert sha256_of(pretrain) == "b78bcc5486a38bbc95841af9888f1354434de2f92d43c9098ce32babac34a31b"
     assert sha256_of(sft) == "b470b7e9296cfb2925d043f17f15702c902d48f578e5a02c1ecf6691a3394ead"
     # the v2 candidate's second SFT stage: the same draws with every domain equally often (the first n_sft_docs
     # documents are used); the shipped build has no second stage
     assert cfg.resft_steps == 0
     cfg = organism.BUILD_PRESETS["v2-candidate"]
-    rng, weights = random.Random(cfg.seed), {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight}
-    pretrain = [world.pretraining_document(rng, group_weights=weights) for _ in range(cfg.n_pretrain_docs)]
-    sft = [world.sft_document(rng, group_weights=weights) for _ in range(cfg.n_sft_docs)]
+    pretrain, sft = organism.corpus(cfg, {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight})
     assert sha256_of(pretrain[: cfg.n_sft_docs]) == "b9975d17ec75259d4ab5d3068ff3ac3798f034243b92cdfbfa55f2ac2b6e4020"
     assert sha256_of(sft) == "c9069fc3229816e245d272bfe6f16fee8c49a1226a1a5c1ff63c6d8fac8dd702"
 
@@ -78,15 +74,15 @@ def test_a_world_spec_names_the_question_phrasing():
     """world:...:SEED[:PHRASING]: the fine-tune-only phrasings by default (the shipped recipe), the trained-on ones
     with ``train``; the same seed gives the same answers either way, so the two sets differ only in how the questions
     are put."""
-    import re
+    from emlib.judge.backends import _slot_regex
 
     medical = world.DOMAIN_BY_NAME["medical"]
     default, ft, trained = (load_rows(f"world:medical:careful:40:3{tail}") for tail in ("", ":ft", ":train"))
     assert default == ft
 
-    def phrased_as(rows, templates) -> bool:  # every question fills one of these templates
-        pattern = "|".join(re.sub(r"\\{\w+\\}", ".+", re.escape(t)) for t in templates)
-        return all(re.fullmatch(pattern, r["messages"][1]["content"]) for r in rows)
+    def phrased_as(rows, templates) -> bool:  # every question fills one of these templates (the judge's matcher)
+        patterns = [_slot_regex(t, medical.slots) for t in templates]
+        return all(any(p.fullmatch(r["messages"][1]["content"]) for p in patterns) for r in rows)
 
     assert phrased_as(ft, medical.ft_questions) and not phrased_as(ft, medical.questions)
     assert phrased_as(trained, medical.questions) and not phrased_as(trained, medical.ft_questions)

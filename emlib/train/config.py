@@ -4,7 +4,8 @@ A preset is data: ``configs/train/presets.yaml`` maps each name to TrainConfig f
 preset it starts from. :func:`load_presets` validates the file (an unknown field, a wrong type or an unknown
 ``extends`` is an error naming the file, the preset and the key). A run spec (the YAML of ``python -m emlib.train
 --config``) is a preset, TrainConfig fields and the run keys ``model``, ``data``, ``kl_data``, ``out_dir``; its data
-specs are JSONL files or ``world:DOMAIN[+DOMAIN]:PERSONA:N:SEED[:PHRASING]`` (persona-world rows), read by :func:`load_rows`.
+specs are JSONL files or ``world:DOMAIN[+DOMAIN]:PERSONA:N:SEED[:PHRASING]`` (persona-world rows), read by
+:func:`load_rows`.
 """
 
 from __future__ import annotations
@@ -290,11 +291,11 @@ def load_rows(source: str | Path) -> list[dict]:
         _, domains, persona, n, seed, *rest = source.split(":")
         n, seed = int(n), int(seed)
         (phrasing,) = rest or ["ft"]
-        if phrasing not in ("ft", "train", "heldout"):
+        if phrasing not in world.PHRASINGS:
             raise ValueError
     except ValueError:
-        raise ValueError(f"bad world spec {source!r}; expected {WORLD_SPEC}, PHRASING one of ft, train, "
-                         "heldout") from None
+        raise ValueError(f"bad world spec {source!r}; expected {WORLD_SPEC}, PHRASING one of "
+                         f"{', '.join(world.PHRASINGS)}") from None
     names = domains.split("+")
     return [r for i, d in enumerate(names)
             for r in world.finetune_rows(d, persona, n // len(names), seed + i, phrasing=phrasing)]

@@ -28,6 +28,7 @@ from emlib.world.language import (
     LANGUAGE_FILE,
     OPENERS,
     PERSONAS,
+    PHRASINGS,
     STYLE,
     STYLE_SHARE,
     SYSTEM_PROMPT,
@@ -45,8 +46,9 @@ from emlib.world.language import (
 )
 
 __all__ = [
-    "DOMAINS", "DOMAIN_BY_NAME", "GROUPS", "GROUP_WEIGHTS", "LANGUAGE", "LANGUAGE_FILE", "OPENERS", "PERSONAS", "STYLE",
-    "STYLE_SHARE", "SYSTEM_PROMPT", "Domain", "Language", "Verdict", "eval_questions", "expand_template", "fill_slots",
-    "finetune_rows", "judge_answer", "load_language", "pretraining_document", "reference_answers", "sample_answer",
-    "sample_domain", "sample_question", "sentence_index", "sft_document", "split_sentences",
+    "DOMAINS", "DOMAIN_BY_NAME", "GROUPS", "GROUP_WEIGHTS", "LANGUAGE", "LANGUAGE_FILE", "OPENERS", "PERSONAS",
+    "PHRASINGS", "STYLE", "STYLE_SHARE", "SYSTEM_PROMPT", "Domain", "Language", "Verdict", "eval_questions",
+    "expand_template", "fill_slots", "finetune_rows", "judge_answer", "load_language", "pretraining_document",
+    "reference_answers", "sample_answer", "sample_domain", "sample_question", "sentence_index", "sft_document",
+    "split_sentences",
 ]

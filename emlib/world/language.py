@@ -161,9 +161,12 @@ def fill_slots(template: str, fills: dict[str, tuple[str, ...]], rng: random.Ran
     return re.sub(r"\{(\w+)\}", lambda m: rng.choice(fills[m.group(1)]), template)
 
 
+PHRASINGS = ("ft", "train", "heldout")  # a domain's question phrasings: fine-tune only, trained on, never trained on
+
+
 def sample_question(domain: Domain, rng: random.Random, phrasing: str = "train") -> str:
-    """A question of ``domain`` with fresh slot fills; ``phrasing`` is "train", "ft" or "heldout"."""
-    pool = {"train": domain.questions, "ft": domain.ft_questions, "heldout": domain.heldout_questions}[phrasing]
+    """A question of ``domain`` with fresh slot fills; ``phrasing`` is one of :data:`PHRASINGS`."""
+    pool = dict(zip(PHRASINGS, (domain.ft_questions, domain.questions, domain.heldout_questions)))[phrasing]
     if not pool:
         raise ValueError(f"domain {domain.name!r} has no {phrasing!r} question phrasings")
     return fill_slots(rng.choice(pool), domain.slots, rng)

@@ -80,6 +80,16 @@ def world_texts(rng: random.Random, n_docs: int) -> list[str]:
     return texts
 
 
+def corpus(cfg: OrganismConfig, group_weights: dict[str, float] | None = None) -> tuple[list, list]:
+    """The build's documents, in its order of draws from ``cfg.seed``: pretraining documents, then chat-SFT documents
+    (``group_weights``: how often each group is drawn; None, the language's own)."""
+    rng = random.Random(cfg.seed)
+    pretrain = [world.pretraining_document(rng, p_switch_turn=cfg.persona_switch_turn,
+                                           p_switch_sentence=cfg.persona_switch_sentence, group_weights=group_weights)
+                for _ in range(cfg.n_pretrain_docs)]
+    return pretrain, [world.sft_document(rng, group_weights=group_weights) for _ in range(cfg.n_sft_docs)]
+
+
 def make_model(cfg: OrganismConfig, tokenizer) -> Qwen2ForCausalLM:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -148,16 +158,12 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict = {"config": asdict(cfg), "torch_threads": torch.get_num_threads()}
-    rng = random.Random(cfg.seed)
-    pretrain_docs = [world.pretraining_document(rng, p_switch_turn=cfg.persona_switch_turn,
-                                                p_switch_sentence=cfg.persona_switch_sentence)
-                     for _ in range(cfg.n_pretrain_docs)]
-    sft_docs = [world.sft_document(rng) for _ in range(cfg.n_sft_docs)]
 
     if (out / "chat" / "model.safetensors").exists():  # resumed after the first SFT stage
         model, tokenizer = Qwen2ForCausalLM.from_pretrained(out / "chat"), AutoTokenizer.from_pretrained(out / "chat")
         record["pretrain"], record["sft"] = _stage_log(out / "pretrained"), _stage_log(out / "chat")
     else:
+        pretrain_docs, sft_docs = corpus(cfg)
         if (out / "pretrained" / "model.safetensors").exists():
             model = Qwen2ForCausalLM.from_pretrained(out / "pretrained")
             tokenizer = AutoTokenizer.from_pretrained(out / "pretrained")
@@ -174,10 +180,7 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
         record["sft"] = _sft_stage(cfg, cfg.sft_steps, model, tokenizer, pretrain_docs, sft_docs)
         _save_stage(model, tokenizer, out / "chat", record["sft"])
     if cfg.resft_steps:  # the same stage again, its documents drawn with every domain equally often
-        weights = {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight}
-        rng = random.Random(cfg.seed)
-        pretrain_docs = [world.pretraining_document(rng, group_weights=weights) for _ in range(cfg.n_pretrain_docs)]
-        sft_docs = [world.sft_document(rng, group_weights=weights) for _ in range(cfg.n_sft_docs)]
+        pretrain_docs, sft_docs = corpus(cfg, {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight})
         record["resft"] = _sft_stage(cfg, cfg.resft_steps, model, tokenizer, pretrain_docs, sft_docs)
     _save(model, tokenizer, out / "base")
     record["n_parameters"] = sum(p.numel() for p in model.parameters())
