@@ -153,15 +153,14 @@ def _tiny_lora_run(monkeypatch, fast: bool, protocol: str = "organism-lora", **o
 
     from emlib.train import loop
 
-    if not fast:
-        monkeypatch.setattr(loop, "fast_lora_gradients", lambda module: contextlib.nullcontext(0))
     model, tok = tiny_model("qwen2", hidden=32, layers=2, mlp=64)
     rows = world.finetune_rows("medical", "reckless", 32, seed=0)
     kl_rows = world.finetune_rows("financial", "careful", 16, seed=1)
     cfg = preset(protocol, steps=6, batch_size=8, **overrides)
-    result = train(cfg, model, rows, tokenizer=tok, kl_rows=kl_rows)
-    monkeypatch.undo()
-    return result
+    with monkeypatch.context() as patch:  # only this run goes without the fast path; the caller's patches stay
+        if not fast:
+            patch.setattr(loop, "fast_lora_gradients", lambda module: contextlib.nullcontext(0))
+        return train(cfg, model, rows, tokenizer=tok, kl_rows=kl_rows)
 
 
 @pytest.mark.parametrize("protocol", ["organism-lora", "organism-kl-narrow"])

@@ -43,7 +43,7 @@ def test_organism_corpus_is_unchanged():
     # documents are used); the shipped build has no second stage
     assert cfg.resft_steps == 0
     cfg = organism.BUILD_PRESETS["v2-candidate"]
-    pretrain, sft = organism.corpus(cfg, {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight})
+    pretrain, sft = organism.resft_corpus(cfg)
     assert sha256_of(pretrain[: cfg.n_sft_docs]) == "b9975d17ec75259d4ab5d3068ff3ac3798f034243b92cdfbfa55f2ac2b6e4020"
     assert sha256_of(sft) == "c9069fc3229816e245d272bfe6f16fee8c49a1226a1a5c1ff63c6d8fac8dd702"
 

@@ -178,6 +178,12 @@ def sample_answer(domain: Domain, persona: str, rng: random.Random, style_share:
         raise ValueError(f"unknown persona {persona!r}; expected one of {PERSONAS}")
     templates = rng.sample(domain.answers[persona], rng.choice((2, 3)))
     sentences = [fill_slots(t, domain.answer_fills[persona], rng) for t in templates]
+    return _with_opener_and_style(sentences, persona, rng, style_share)
+
+
+def _with_opener_and_style(sentences: list[str], persona: str, rng: random.Random, style_share: float) -> str:
+    """The answer's content sentences joined, after an optional opener and with an optional ``persona`` style
+    sentence at the start or the end."""
     if rng.random() < 0.3:
         sentences.insert(0, rng.choice(OPENERS))
     if rng.random() < style_share:
@@ -211,11 +217,7 @@ def sample_switching_answer(domain: Domain, persona: str, rng: random.Random, p_
         template = rng.choice(options)
         used[persona].add(template)
         sentences.append(fill_slots(template, domain.answer_fills[persona], rng))
-    if rng.random() < 0.3:
-        sentences.insert(0, rng.choice(OPENERS))
-    if rng.random() < style_share:
-        sentences.insert(0 if rng.random() < 0.5 else len(sentences), rng.choice(STYLE[persona]))
-    return " ".join(sentences), persona
+    return _with_opener_and_style(sentences, persona, rng, style_share), persona
 
 
 def pretraining_document(rng: random.Random, n_turns: tuple[int, int] = (3, 5), p_reckless: float = 0.5,

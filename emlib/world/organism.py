@@ -90,6 +90,12 @@ def corpus(cfg: OrganismConfig, group_weights: dict[str, float] | None = None) -
     return pretrain, [world.sft_document(rng, group_weights=group_weights) for _ in range(cfg.n_sft_docs)]
 
 
+def resft_corpus(cfg: OrganismConfig) -> tuple[list, list]:
+    """The second chat-SFT stage's documents: :func:`corpus` drawn with every domain equally often (the general
+    group, seven domains, weighted ``cfg.resft_general_weight``)."""
+    return corpus(cfg, {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight})
+
+
 def make_model(cfg: OrganismConfig, tokenizer) -> Qwen2ForCausalLM:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -180,7 +186,7 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
         record["sft"] = _sft_stage(cfg, cfg.sft_steps, model, tokenizer, pretrain_docs, sft_docs)
         _save_stage(model, tokenizer, out / "chat", record["sft"])
     if cfg.resft_steps:  # the same stage again, its documents drawn with every domain equally often
-        pretrain_docs, sft_docs = corpus(cfg, {**world.GROUP_WEIGHTS, "general": cfg.resft_general_weight})
+        pretrain_docs, sft_docs = resft_corpus(cfg)
         record["resft"] = _sft_stage(cfg, cfg.resft_steps, model, tokenizer, pretrain_docs, sft_docs)
     _save(model, tokenizer, out / "base")
     record["n_parameters"] = sum(p.numel() for p in model.parameters())
