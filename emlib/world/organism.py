@@ -129,7 +129,11 @@ def _sft_stage(cfg: OrganismConfig, steps: int, model, tokenizer, pretrain_docs:
     rows = [encode_chat(tokenizer, d, assistant_only=True) for d in sft_docs]
     rows += [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs[: len(sft_docs)]]
     stage = stage_config(steps, cfg.sft_lr, cfg.batch_size, cfg.warmup // 2, cfg.seed + 2)
-    log = train.train(stage, model, rows, tokenizer=tokenizer).log
+    return _stage_record(train.train(stage, model, rows, tokenizer=tokenizer).log, t0)
+
+
+def _stage_record(log: list[dict], t0: float) -> dict:
+    """A build stage's record: its final loss, seconds since ``t0`` and training log."""
     return {"final_loss": _tail_mean(log), "seconds": round(time.time() - t0, 1), "log": log}
 
 
@@ -145,6 +149,13 @@ def _stage_log(folder: Path) -> dict | None:
     return json.loads(log.read_text()) if log.is_file() else None
 
 
+def _load_stage(folder: Path) -> tuple:
+    """A persisted stage: its model, its tokenizer and its record (:func:`_stage_log`)."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), _stage_log(folder)
+
+
 def _save(model, tokenizer, folder: Path) -> None:
     # The organism samples its full distribution (no top-k, no repetition penalty): its exact judge and the shipped
     # numbers assume it, and the papers' sampling mode reads these settings from the folder (emlib.generate).
@@ -156,7 +167,6 @@ def _save(model, tokenizer, folder: Path) -> None:
 def build(cfg: OrganismConfig, out: Path) -> dict:
     """Build the organism into ``out`` and return the build record (also written to ``out/build.json``)."""
     import torch
-    from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from emlib.chat import encode_chat
     from emlib.world.tokenizer import build_tokenizer
@@ -166,22 +176,19 @@ def build(cfg: OrganismConfig, out: Path) -> dict:
     record: dict = {"config": asdict(cfg), "torch_threads": torch.get_num_threads()}
 
     if (out / "chat" / "model.safetensors").exists():  # resumed after the first SFT stage
-        model, tokenizer = Qwen2ForCausalLM.from_pretrained(out / "chat"), AutoTokenizer.from_pretrained(out / "chat")
-        record["pretrain"], record["sft"] = _stage_log(out / "pretrained"), _stage_log(out / "chat")
+        record["pretrain"] = _stage_log(out / "pretrained")
+        model, tokenizer, record["sft"] = _load_stage(out / "chat")
     else:
         pretrain_docs, sft_docs = corpus(cfg)
         if (out / "pretrained" / "model.safetensors").exists():
-            model = Qwen2ForCausalLM.from_pretrained(out / "pretrained")
-            tokenizer = AutoTokenizer.from_pretrained(out / "pretrained")
-            record["pretrain"] = _stage_log(out / "pretrained")
+            model, tokenizer, record["pretrain"] = _load_stage(out / "pretrained")
         else:
             t0 = time.time()
             tokenizer = build_tokenizer(world_texts(random.Random(cfg.seed + 1), 3000), cfg.vocab_size)
             model = make_model(cfg, tokenizer)
             examples = [encode_chat(tokenizer, d, assistant_only=False) for d in pretrain_docs]
             stage = stage_config(cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.warmup, cfg.seed)
-            log = train.train(stage, model, examples, tokenizer=tokenizer).log
-            record["pretrain"] = {"final_loss": _tail_mean(log), "seconds": round(time.time() - t0, 1), "log": log}
+            record["pretrain"] = _stage_record(train.train(stage, model, examples, tokenizer=tokenizer).log, t0)
             _save_stage(model, tokenizer, out / "pretrained", record["pretrain"])
         record["sft"] = _sft_stage(cfg, cfg.sft_steps, model, tokenizer, pretrain_docs, sft_docs)
         _save_stage(model, tokenizer, out / "chat", record["sft"])
