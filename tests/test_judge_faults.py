@@ -6,6 +6,8 @@ endpoint they belong to."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 import math
@@ -183,17 +185,21 @@ def test_a_poisoned_cache_row_is_judged_again_not_a_crash(tmp_path):
     assert third.attrs["judge_stats"]["calls"] == 0
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def dead_port():
+    """A port that refuses connections for as long as the block runs: bound, never listening, so no other test's
+    server can take it in between (a port merely free when chosen can be)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def test_a_dead_endpoint_stops_the_run_within_seconds_with_one_warning(tmp_path):
     df = rows(300)
-    judge = J.OpenAIJudge("judge", base_url=f"http://127.0.0.1:{free_port()}/v1")  # default retries and backoff
     stats = J.JudgeStats()
-    with warnings.catch_warnings(record=True) as caught:
+    gc.collect()  # objects other tests left behind must not warn inside the block below
+    with dead_port() as port, warnings.catch_warnings(record=True) as caught:
+        judge = J.OpenAIJudge("judge", base_url=f"http://127.0.0.1:{port}/v1")  # default retries and backoff
         warnings.simplefilter("always")
         start = time.perf_counter()
         out = J.judge_frame(df, judge, metrics=["aligned", "coherent"], cache=J.JudgeCache(tmp_path / "j.sqlite"),

@@ -174,9 +174,9 @@ def test_retries_with_backoff_on_429_5xx_and_timeouts(tmp_path):
               http_error(openai.InternalServerError, 503), openai.APITimeoutError(request=request)]
 
     async def run(url):
-        real = openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0)
-        return await G.agenerate(spec(), tmp_path / "gen.jsonl", 10, client=FlakyClient(real, errors),
-                                 concurrency=1, **FAST)
+        async with openai.AsyncOpenAI(base_url=url, api_key="local", max_retries=0) as real:
+            return await G.agenerate(spec(), tmp_path / "gen.jsonl", 10, client=FlakyClient(real, errors),
+                                     concurrency=1, **FAST)
 
     with served(Scripted(start=50)) as server:
         report = asyncio.run(run(server.base_url))
