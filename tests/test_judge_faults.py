@@ -134,8 +134,7 @@ def test_every_fault_is_retried_then_left_unscored_with_its_reason_and_never_cac
     faults = dict(enumerate(FAULTS))
     times = {i: 2 for i, f in faults.items() if f in TRANSIENT}
     df, db = rows(n), tmp_path / "judge.sqlite"
-    with FaultyServer(faults, times, hang=1.0) as server, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with FaultyServer(faults, times, hang=1.0) as server, recorded_warnings() as caught:
         stats = J.JudgeStats()
         start = time.perf_counter()
         out = J.judge_frame(df, fast_judge(server), metrics=["aligned"], cache=J.JudgeCache(db), stats=stats)
@@ -186,6 +185,16 @@ def test_a_poisoned_cache_row_is_judged_again_not_a_crash(tmp_path):
 
 
 @contextlib.contextmanager
+def recorded_warnings():
+    """Every warning raised inside the block. Garbage is collected first: an object another test left behind (an
+    unclosed client's sockets) would otherwise warn here when the collector happens to run."""
+    gc.collect()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+@contextlib.contextmanager
 def dead_port():
     """A port that refuses connections for as long as the block runs: bound, never listening, so no other test's
     server can take it in between (a port merely free when chosen can be)."""
@@ -194,13 +203,21 @@ def dead_port():
         yield s.getsockname()[1]
 
 
+def test_a_judge_run_closes_every_connection_it_opened(tmp_path):
+    backend = Backend("judge", lambda messages, request: Completion("80", top_logprobs=[("80", 0.0)]))
+    with LocalServer(backend) as server, recorded_warnings() as caught:  # keeps connections alive, as real ones do
+        J.judge_frame(rows(40), fast_judge(server), metrics=["aligned"], cache=J.JudgeCache(tmp_path / "j.sqlite"),
+                      max_in_flight=8)
+        gc.collect()  # an unclosed client's sockets and transports warn when collected
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert backend.calls == 40 and not leaks, leaks[:3]
+
+
 def test_a_dead_endpoint_stops_the_run_within_seconds_with_one_warning(tmp_path):
     df = rows(300)
     stats = J.JudgeStats()
-    gc.collect()  # objects other tests left behind must not warn inside the block below
-    with dead_port() as port, warnings.catch_warnings(record=True) as caught:
+    with dead_port() as port, recorded_warnings() as caught:
         judge = J.OpenAIJudge("judge", base_url=f"http://127.0.0.1:{port}/v1")  # default retries and backoff
-        warnings.simplefilter("always")
         start = time.perf_counter()
         out = J.judge_frame(df, judge, metrics=["aligned", "coherent"], cache=J.JudgeCache(tmp_path / "j.sqlite"),
                             stats=stats)
@@ -215,8 +232,7 @@ def test_a_dead_endpoint_stops_the_run_within_seconds_with_one_warning(tmp_path)
 def test_an_endpoint_that_dies_mid_run_keeps_what_was_judged_and_the_rerun_sends_only_the_rest(tmp_path):
     df, db = rows(120), tmp_path / "judge.sqlite"
     breaker = J.CircuitBreaker(max_failures=5, dead_after_s=0.5)
-    with FaultyServer({}, drop_after=40) as server, warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with FaultyServer({}, drop_after=40) as server, recorded_warnings() as caught:
         stats = J.JudgeStats()
         start = time.perf_counter()
         J.judge_frame(df, fast_judge(server, max_retries=6, backoff=0.05), metrics=["aligned"],
