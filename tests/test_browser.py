@@ -17,11 +17,11 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -55,10 +55,14 @@ def browser_tools() -> tuple[str, str]:
     return chromium, driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _server_url(runtime: Path, server: subprocess.Popen) -> str | None:
+    """The URL JupyterLab listens on, from the server file it writes once it is up (None while it is not). It binds a
+    port the system picks (``--port=0``), so no other test's server can take that port between choosing and binding."""
+    info = runtime / f"jpserver-{server.pid}.json"
+    try:
+        return f"http://127.0.0.1:{json.loads(info.read_text())['port']}"
+    except (OSError, ValueError, KeyError):  # not written yet, or half written
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +86,25 @@ def lab(notebook_run_dir, browser_tools):
     tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True)
     tracker.write_text(json.dumps({"recordTiming": True}))  # per-cell times in the cells' metadata
-    token, port = secrets.token_hex(16), _free_port()
+    token = secrets.token_hex(16)
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTERLAB_SETTINGS_DIR": str(settings),
-           "JUPYTERLAB_WORKSPACES_DIR": str(config / "lab" / "workspaces"), "HF_HUB_OFFLINE": "1"}
+           "JUPYTERLAB_WORKSPACES_DIR": str(config / "lab" / "workspaces"), "HF_HUB_OFFLINE": "1",
+           "JUPYTER_RUNTIME_DIR": str(config / "runtime")}
     log = (folder / "jupyterlab.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", "--port=0",
          "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
          "--LabApp.expose_app_in_browser=True", "--KernelManager.transport=ipc",
          *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])],  # CI containers run as root
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
-    url = f"http://127.0.0.1:{port}"
+    url = None
     try:
         deadline = time.monotonic() + 90
         while True:
             try:
+                url = url or _server_url(config / "runtime", server)
+                if url is None:
+                    raise ConnectionRefusedError("JupyterLab has not written its server file yet")
                 request = urllib.request.Request(f"{url}/api/status", headers={"Authorization": f"token {token}"})
                 with urllib.request.urlopen(request, timeout=5):
                     break
