@@ -182,26 +182,26 @@ def judge_frame_batch_api(df: pd.DataFrame, judge: OpenAIJudge, cache: JudgeCach
     cached = cache.get_many(prompts)
     missing = {k: v for k, v in prompts.items() if k not in cached and k not in in_flight}
     stats.batches_resumed = len(state["batches"])
-    client = judge.client(sync=True)
-    if missing:
-        _submit_batches(client, judge, missing, state, state_file, stats)
-    deadline, wait = time.time() + max_wait_seconds, poll_seconds
-    while state["batches"]:
-        for entry in list(state["batches"]):
-            batch = client.batches.retrieve(entry["id"])
-            stats.batch_polls += 1
-            if batch.status in BATCH_DONE:
-                stats.calls += _merge_batch_output(client, batch, entry, judge, cache, stats)
-                state["batches"].remove(entry)
-                _write_state(state_file, state)
-        if not state["batches"]:
-            break
-        if time.time() + wait > deadline:
-            ids = ", ".join(e["id"] for e in state["batches"])
-            raise BatchPending(f"batch(es) {ids} still running after {max_wait_seconds:.0f} s; their ids are in "
-                               f"{state_file or 'memory only'}: rerun the same call to resume polling")
-        sleep(wait)
-        wait = min(max_poll_seconds, wait * 1.5)
+    with judge.client(sync=True) as client:  # closed on the way out, BatchPending included
+        if missing:
+            _submit_batches(client, judge, missing, state, state_file, stats)
+        deadline, wait = time.time() + max_wait_seconds, poll_seconds
+        while state["batches"]:
+            for entry in list(state["batches"]):
+                batch = client.batches.retrieve(entry["id"])
+                stats.batch_polls += 1
+                if batch.status in BATCH_DONE:
+                    stats.calls += _merge_batch_output(client, batch, entry, judge, cache, stats)
+                    state["batches"].remove(entry)
+                    _write_state(state_file, state)
+            if not state["batches"]:
+                break
+            if time.time() + wait > deadline:
+                ids = ", ".join(e["id"] for e in state["batches"])
+                raise BatchPending(f"batch(es) {ids} still running after {max_wait_seconds:.0f} s; their ids are in "
+                                   f"{state_file or 'memory only'}: rerun the same call to resume polling")
+            sleep(wait)
+            wait = min(max_poll_seconds, wait * 1.5)
     if state_file is not None and state_file.exists() and not state["batches"]:
         state_file.unlink()  # nothing in flight: no stale file to confuse the next run
     seconds = time.perf_counter() - start
