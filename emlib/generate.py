@@ -5,7 +5,8 @@
 
 Every (question, sample) pair becomes one row of one big batched decode across *all* questions (the papers' code
 samples one question at a time with ``num_return_sequences=n``). emlib's own decode loop (``engine="loop"``) keeps a KV
-cache, prefills each distinct prompt once and keeps its keys and values once (the n samples of a question attend to
+cache, prefills each distinct prompt once (the prefix all prompts share, such as the system prompt, once for all of
+them: :func:`prefill`) and keeps its keys and values once (the n samples of a question attend to
 that one copy: :class:`PromptCache`), and drops finished rows from the batch as it goes, so a few long answers no
 longer keep hundreds of finished ones computing; a small model's LoRA layers decode on merged weights
 (:func:`merged_lora`). ``engine="hf"`` uses ``model.generate`` instead. Batch ``k`` is seeded with ``seed`` and ``k``
@@ -42,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from emlib.chat import chat_prompt
-from emlib.interventions import Steering, plain_lora_linears, scaled_adapter, steered
+from emlib.interventions import Steering, plain_lora_linears, prompt_may_be_split, scaled_adapter, steered
 from emlib.models import count_parameters
 
 COLUMNS = ["question_idx", "question", "sample", "answer", "ended"]
@@ -106,13 +107,14 @@ def sample_answers(model, tokenizer, questions: Sequence[str], n: int = 1, max_n
     done = store.done_keys() if store else set()
     produced: list[dict] = []
     tokenizer.padding_side = "left"  # prompts must end flush on the right, where generation appends
+    split = prompt_may_be_split(steering)  # hooks that must see each prompt whole keep it in one prefill pass
     with scaled_adapter(model, adapter_scale), steered(model, steering), cpu_threads(model, threads), \
             merged_lora(model):
         for k, chunk in enumerate(tqdm(batches, desc="generate", leave=False, disable=not progress)):
             if all((qi, s) in done for qi, s, _ in chunk):
                 continue
             decoded = _generate_batch(model, tokenizer, [p for _, _, p in chunk], max_new_tokens, temperature, top_p,
-                                      seed + k * _SEED_STRIDE, engine, **knobs)
+                                      seed + k * _SEED_STRIDE, engine, split_prompts=split, **knobs)
             rows = [{"question_idx": qi, "question": questions[qi], "sample": s, "answer": text, "ended": ended}
                     for (qi, s, _), (text, ended) in zip(chunk, decoded)]
             if store:
@@ -184,8 +186,8 @@ def _mergeable_lora_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, top_p: float,
-                    seed: int, engine: str, top_k: int = 0,
-                    repetition_penalty: float = 1.0) -> list[tuple[str, bool]]:
+                    seed: int, engine: str, top_k: int = 0, repetition_penalty: float = 1.0,
+                    split_prompts: bool = True) -> list[tuple[str, bool]]:
     """Decode one batch; returns (answer text, ended) per prompt."""
     device = next(model.parameters()).device
     eos = eos_ids(model, tokenizer)
@@ -206,7 +208,8 @@ def _generate_batch(model, tokenizer, texts: list[str], max_new_tokens: int, tem
         expand = torch.tensor([where[t] for t in texts], device=device)
         generator = torch.Generator(device=device).manual_seed(seed)
         new = decode_loop(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, temperature, top_p,
-                          eos, generator, expand=expand, top_k=top_k, repetition_penalty=repetition_penalty)
+                          eos, generator, expand=expand, top_k=top_k, repetition_penalty=repetition_penalty,
+                          split_prompts=split_prompts)
     results = []
     for ids in new:
         stop = next((i for i, t in enumerate(ids) if t in eos), None)
@@ -224,13 +227,15 @@ def eos_ids(model, tokenizer) -> set[int]:
 def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                 temperature: float, top_p: float, eos: set[int], generator: torch.Generator,
                 expand: torch.Tensor | None = None, compact_at: float = 0.125, top_k: int = 0,
-                repetition_penalty: float = 1.0) -> list[list[int]]:
+                repetition_penalty: float = 1.0, split_prompts: bool = True) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; returns the new token ids of each row.
 
     ``expand`` maps each output row to a row of ``input_ids``: each distinct prompt is prefilled once. Where the
-    model allows (:meth:`PromptCache.usable`), decoding runs on a :class:`PromptCache`: the prompts' keys and values
-    kept once, each row's own in a buffer written in place, attention computed without masks; otherwise on
-    transformers' ``DynamicCache`` with the prompt cache copied to each row. Rows stop at an eos token; once at least
+    model allows (:meth:`PromptCache.usable`), the prompts are prefilled by :func:`prefill` (with ``split_prompts``,
+    the prefix they all share once, the rest in buckets of similar length) and decoding runs on a
+    :class:`PromptCache`: the prompts' keys and values kept once, each row's own in a buffer written in place,
+    attention computed without masks; otherwise on transformers' ``DynamicCache`` with the prompt cache copied to
+    each row. Rows stop at an eos token; once at least
     ``compact_at`` of the live batch has finished, those rows are cut out of the batch and the cache, so long answers
     run on a smaller batch. ``top_k`` and ``repetition_penalty`` act as in ``model.generate`` (:func:`penalize_repeats`,
     :func:`sample_next`); the penalty counts each row's prompt tokens (padding excluded) and its own generated ones.
@@ -238,14 +243,16 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     from transformers import DynamicCache
 
     device = input_ids.device
-    cache = DynamicCache(config=model.config)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     expand = torch.arange(len(input_ids), device=device) if expand is None else expand
-    prefix = PromptCache(cache, attention_mask, expand, max_new_tokens) if PromptCache.usable(model, cache) else None
-    mask = None
-    if prefix is None:
+    prefix, mask = None, None
+    if PromptCache.usable(model):
+        keys, values, prompt_mask, logits = prefill(model, input_ids, attention_mask, split_prompts)
+        prefix = PromptCache(keys, values, prompt_mask, expand, max_new_tokens)
+    else:  # transformers' own cache, one pass over the left-padded batch
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.batch_select_indices(expand)
         mask = attention_mask[expand]
     logits, next_pos = logits[expand], positions[expand, -1] + 1
@@ -293,6 +300,106 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
 
 # ------------------------------------------------------------------------------------------ prompt-cache attention
 
+SHARED_PREFIX_FROM = 4  # tokens every prompt must share before that prefix is prefilled once, on its own
+PASS_COST = 64  # prefill buckets: one more pass costs about this many token-rows of padding (its fixed work)
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, split: bool = True,
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Prefill left-padded prompts; returns each layer's keys and values (prompts, kv_heads, length, head_dim), the
+    mask of real positions (prompts, length) and each prompt's next-token logits (prompts, vocab).
+
+    ``split``: the prefix every prompt shares (chat template and system prompt: 14 of the organism's ~32 prompt
+    tokens) is run once, and the rest of each prompt in buckets of similar length (:func:`length_buckets`), so
+    little padding is computed; keys are laid out [shared prefix | padding | rest], each token at the position it
+    has in its whole prompt, so attention over them is the unsplit prompt's (to float rounding). Organism, 256
+    prompts of 19-42 tokens: 0.28-0.30 s against 0.72-0.83 s in one padded pass, which made a 384-question sampling
+    call 15-18% faster. Without ``split``: one pass over the padded batch, for hooks that must see each prompt whole
+    (:func:`emlib.interventions.prompt_may_be_split`).
+    """
+    from transformers import DynamicCache
+
+    lengths = attention_mask.sum(1)
+    shared = shared_prefix_length(input_ids, lengths) if split else 0
+    rest = lengths - shared
+    buckets = length_buckets(rest.tolist()) if split else [list(range(len(input_ids)))]
+    prefix_cache = None
+    if shared:
+        prefix_cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids[:1, -int(lengths[0]):][:, :shared], past_key_values=prefix_cache, use_cache=True,
+              logits_to_keep=1)
+    width = int(rest.max())
+    columns = torch.arange(width, device=input_ids.device)
+    mask = torch.cat([attention_mask.new_ones(len(input_ids), shared), columns >= width - rest[:, None]], 1).bool()
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    logits = None
+    for bucket in buckets:
+        idx = torch.tensor(bucket, device=input_ids.device)
+        w = int(rest[idx].max())
+        part_mask = mask[idx, shared + width - w:]
+        positions = (shared + part_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        if prefix_cache is not None:  # the shared prefix's keys and values, one copy per row of the bucket
+            cache = DynamicCache(config=model.config, ddp_cache_data=[
+                (layer.keys.expand(len(idx), -1, -1, -1), layer.values.expand(len(idx), -1, -1, -1))
+                for layer in prefix_cache.layers])
+        out = model(input_ids=input_ids[idx, -w:], position_ids=positions, past_key_values=cache, use_cache=True,
+                    attention_mask=torch.cat([part_mask.new_ones(len(idx), shared), part_mask], 1).long(),
+                    logits_to_keep=1).logits[:, -1]
+        if logits is None:
+            logits = out.new_empty(len(input_ids), out.shape[-1])
+            for layer in cache.layers:
+                k, v = layer.keys, layer.values
+                keys.append(k.new_zeros(len(input_ids), k.shape[1], shared + width, k.shape[-1]))
+                values.append(v.new_zeros(len(input_ids), v.shape[1], shared + width, v.shape[-1]))
+        logits[idx] = out
+        for layer, k, v in zip(cache.layers, keys, values):
+            k[idx, :, :shared] = layer.keys[:, :, :shared]
+            v[idx, :, :shared] = layer.values[:, :, :shared]
+            k[idx, :, shared + width - w:] = layer.keys[:, :, shared:]
+            v[idx, :, shared + width - w:] = layer.values[:, :, shared:]
+    return keys, values, mask, logits
+
+
+def shared_prefix_length(input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
+    """How many leading tokens every left-padded prompt shares, leaving each at least two of its own (so every
+    prefill pass is more than one token long, as hooks that tell prefill from decoding by length expect); 0 when
+    under :data:`SHARED_PREFIX_FROM` or for a single prompt."""
+    shortest = int(lengths.min())
+    if len(input_ids) < 2 or shortest < SHARED_PREFIX_FROM + 2:
+        return 0
+    starts = input_ids.shape[1] - lengths  # where each prompt's first token sits
+    heads = input_ids.gather(1, starts[:, None] + torch.arange(shortest - 2, device=input_ids.device))
+    agree = (heads == heads[:1]).all(0).long().cumprod(0)
+    n = int(agree.sum())
+    return n if n >= SHARED_PREFIX_FROM else 0
+
+
+def length_buckets(lengths: list[int], pass_cost: int | None = None) -> list[list[int]]:
+    """Group prompts into prefill passes by length: each pass pads to its longest, so the grouping of the sorted
+    lengths with the fewest padded token-rows plus ``pass_cost`` (None: :data:`PASS_COST`) per pass is chosen (dynamic
+    programming over the distinct lengths). Returns each pass's prompt indices."""
+    pass_cost = PASS_COST if pass_cost is None else pass_cost
+    distinct = sorted(set(lengths))
+    count = [sum(1 for n in lengths if n == d) for d in distinct]
+    best = [0.0] + [float("inf")] * len(distinct)  # best[j]: cost of the j shortest distinct lengths
+    cut = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):  # the pass holding distinct lengths i..j-1 pads to distinct[j-1]
+            rows += count[i]
+            cost = best[i] + rows * distinct[j - 1] + pass_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes, j = [], len(distinct)
+    while j:
+        members = set(distinct[cut[j]:j])
+        passes.append([k for k, n in enumerate(lengths) if n in members])
+        j = cut[j]
+    return passes[::-1]
+
+
 PROMPT_CACHE = "emlib_prompt_cache"  # the attention implementation's registered name
 _PROMPT_CACHES: dict[int, PromptCache] = {}  # id(config) -> the cache its attention layers read while decoding
 SHARE_FROM = 4  # rows per distinct prompt from which its keys are kept once and shared (fewer: copied per row)
@@ -315,9 +422,11 @@ class PromptCache:
     generic path: 3-7% of an n = 1 sampling call).
     """
 
-    def __init__(self, cache, prompt_mask: torch.Tensor, prompt_of_row: torch.Tensor, max_new_tokens: int):
-        keys = [layer.keys for layer in cache.layers]  # each (prompts, kv_heads, prompt_len, head_dim)
-        values = [layer.values for layer in cache.layers]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], prompt_mask: torch.Tensor,
+                 prompt_of_row: torch.Tensor, max_new_tokens: int):
+        """``keys``, ``values``: each layer's, (prompts, kv_heads, prompt_len, head_dim); ``prompt_mask``: (prompts,
+        prompt_len), true where a prompt has a token (padding may sit anywhere); ``prompt_of_row``: each row's
+        prompt."""
         self.n_prompt = keys[0].shape[-2]
         self.shared = len(prompt_of_row) >= SHARE_FROM * (int(prompt_of_row.max()) + 1)
         self.prompt_mask = prompt_mask.bool()
@@ -338,13 +447,14 @@ class PromptCache:
         self._group()
 
     @staticmethod
-    def usable(model, cache) -> bool:
+    def usable(model) -> bool:
         """Exact for this model: full attention in every layer, sdpa or eager, no logit soft-capping."""
+        from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         config = model.config.get_text_config()
         return (config._attn_implementation in ("sdpa", "eager")
-                and all(type(layer) is DynamicLayer for layer in cache.layers)
+                and all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
                 and not getattr(config, "attn_logit_softcapping", None))
 
     def select(self, keep: torch.Tensor) -> None:

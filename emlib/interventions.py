@@ -80,6 +80,10 @@ class Intervention:
     def edit(self, hidden: torch.Tensor, vector: torch.Tensor, prefill: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def prompt_may_be_split(self) -> bool:
+        """Whether the edit is the same when a prompt is prefilled in parts (see :func:`prompt_may_be_split`)."""
+        return False
+
     def targets(self, model: nn.Module) -> dict[int, torch.Tensor]:
         return _layer_vectors(model, torch.as_tensor(self.vectors), self.layers)
 
@@ -114,6 +118,9 @@ class Steer(Intervention):
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
 
+    def prompt_may_be_split(self) -> bool:
+        return self.positions != "last"  # "last" edits the final token of the pass it sees
+
     def edit(self, hidden: torch.Tensor, vector: torch.Tensor, prefill: bool) -> torch.Tensor:
         if self.positions == "all":
             return hidden + self.scale * vector
@@ -133,6 +140,9 @@ class Ablate(Intervention):
     vectors: torch.Tensor
     layers: Sequence[int] | None = None
 
+    def prompt_may_be_split(self) -> bool:
+        return True  # every position alike
+
     def edit(self, hidden: torch.Tensor, vector: torch.Tensor, prefill: bool) -> torch.Tensor:
         v = unit(vector)
         return hidden - (hidden @ v).unsqueeze(-1) * v
@@ -143,6 +153,9 @@ class Compose(Intervention):
     """Several interventions at once (e.g. ablate one direction and steer with another); applied in order."""
 
     parts: Sequence[Intervention]
+
+    def prompt_may_be_split(self) -> bool:
+        return all(part.prompt_may_be_split() for part in self.parts)
 
     def __call__(self, model: nn.Module) -> list:
         return [h for part in self.parts for h in part(model)]
@@ -254,6 +267,20 @@ def _adder(vector: torch.Tensor) -> Callable:
             return (output[0] + vector.to(output[0]),) + tuple(output[1:])
         return output + vector.to(output)
     return hook
+
+
+def prompt_may_be_split(steering: Steering | None) -> bool:
+    """Whether ``steering`` acts the same when the sampler prefills a prompt in parts: first the prefix every prompt
+    of the batch shares (the chat template's opening, the system prompt), then each prompt's rest, each part a
+    prefill pass of more than one token. True for none, for ``[(layer, vector), ...]`` (added at every position) and
+    for interventions that edit every position alike (:class:`Ablate`, :class:`Steer` at ``all`` positions) or every
+    prompt position alike (:class:`Steer` at ``prompt``); False for :class:`Steer` at the ``last`` position and for
+    any other callable, whose hooks may expect the whole prompt in one pass."""
+    if steering is None:
+        return True
+    if isinstance(steering, Intervention):
+        return steering.prompt_may_be_split()
+    return not callable(steering)
 
 
 @contextmanager

@@ -76,7 +76,8 @@ def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(**enc, position_ids=pos, past_key_values=cache)
-        prefix = G.PromptCache(cache, enc.attention_mask, expand, max_new_tokens=3)
+        prefix = G.PromptCache([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+                               enc.attention_mask, expand, max_new_tokens=3)
         assert prefix.shared == (share_from == 4)
         cache.batch_select_indices(expand)
         mask = enc.attention_mask[expand]
@@ -88,6 +89,86 @@ def test_prompt_cache_attention_matches_sdpa_numerically(monkeypatch, share_from
                 ours = model(use_cache=False, **step).logits
             prefix.advance()
             assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def _prompts(tok, questions):
+    tok.padding_side = "left"
+    texts = [G.chat_prompt(tok, q, world.SYSTEM_PROMPT) for q in questions]
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def test_prefill_in_parts_equals_one_padded_pass(organism, monkeypatch):
+    model, tok = organism
+    monkeypatch.setattr(G, "PASS_COST", 0)  # a pass per distinct length: every bucket boundary is exercised
+    questions = [world.sample_question(d, random.Random(i)) for i in range(3) for d in world.DOMAINS]
+    enc = _prompts(tok, questions)
+    lengths = enc.attention_mask.sum(1)
+    shared = G.shared_prefix_length(enc.input_ids, lengths)
+    assert shared >= 10, "the chat template's opening and the system prompt are every prompt's prefix"
+    assert len(G.length_buckets((lengths - shared).tolist())) > 3
+    with torch.no_grad():
+        keys1, values1, mask1, logits1 = G.prefill(model, enc.input_ids, enc.attention_mask, split=False)
+        keys, values, mask, logits = G.prefill(model, enc.input_ids, enc.attention_mask, split=True)
+    assert torch.equal(mask.sum(1), lengths) and torch.equal(mask1.sum(1), lengths)
+    assert torch.allclose(logits, logits1, atol=1e-5)
+    for ours, theirs in zip(keys + values, keys1 + values1):  # each prompt's real positions, in order
+        for i in range(len(questions)):
+            assert torch.allclose(ours[i][:, mask[i]], theirs[i][:, mask1[i]], atol=1e-5)
+
+
+def test_shared_prefix_leaves_each_prompt_two_tokens_and_needs_two_prompts():
+    ids = torch.tensor([[0, 5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9, 10, 11, 12, 13]])  # row 0 left-padded
+    lengths = torch.tensor([8, 9])
+    assert G.shared_prefix_length(ids, lengths) == 6  # 7 tokens shared, but row 0 keeps two of its own
+    assert G.shared_prefix_length(ids[:1, 1:], lengths[:1]) == 0
+    assert G.shared_prefix_length(torch.tensor([[5, 6, 7, 1, 2, 3], [5, 6, 7, 4, 2, 3]]), torch.tensor([6, 6])) == 0
+    assert G.length_buckets([3, 9, 3, 9, 4], pass_cost=0) == [[0, 2], [4], [1, 3]]
+    assert G.length_buckets([3, 9, 3, 9, 4], pass_cost=1000) == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("steering", ["none", "prompt", "all", "ablate"])
+def test_sampling_with_prompts_prefilled_in_parts_equals_one_pass(organism, monkeypatch, steering):
+    model, tok = organism
+    v = torch.randn(6, 128, generator=torch.Generator().manual_seed(0))
+    steer = {"none": None, "prompt": interventions.Steer(v, 4.0, layers=[2], positions="prompt"),
+             "all": interventions.Steer(v, 1.0, layers=[1], positions="all"),
+             "ablate": interventions.Ablate(v[3])}[steering]
+    questions = [world.sample_question(d, random.Random(i)) for i in range(2) for d in world.DOMAINS]
+    monkeypatch.setattr(G, "PASS_COST", 0)  # several buckets even for these 20 prompts
+    passes = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: passes.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    kw = dict(n=1, max_new_tokens=30, temperature=0, system=world.SYSTEM_PROMPT, progress=False, steering=steer)
+    try:
+        parts = G.sample_answers(model, tok, questions, **kw)
+        split = [width for width in passes if width > 1]
+        monkeypatch.setattr(G, "prompt_may_be_split", lambda steering: False)
+        passes.clear()
+        whole = G.sample_answers(model, tok, questions, **kw)
+    finally:
+        handle.remove()
+    assert len(split) > 2 and len([width for width in passes if width > 1]) == 1  # the prefix, then buckets
+    assert parts["answer"].tolist() == whole["answer"].tolist()
+
+
+def test_hooks_that_need_the_whole_prompt_see_it_in_one_pass(organism):
+    model, tok = organism
+    v = torch.randn(6, 128)
+    assert not interventions.prompt_may_be_split(interventions.Steer(v, positions="last"))
+    assert not interventions.prompt_may_be_split(interventions.Compose([interventions.Ablate(v[0]),
+                                                                        interventions.Steer(v, positions="last")]))
+    assert interventions.prompt_may_be_split(interventions.Compose([interventions.Ablate(v[0]),
+                                                                    interventions.Steer(v, positions="prompt")]))
+    assert interventions.prompt_may_be_split([(1, v[1])]) and interventions.prompt_may_be_split(None)
+    seen = []
+
+    def recorder(m):  # an unknown callable: its hooks may read the whole prompt, so it gets it whole
+        return [m.model.layers[0].register_forward_hook(lambda mod, a, out: seen.append(a[0].shape[1]))]
+
+    questions = [world.sample_question(d, random.Random(i)) for i, d in enumerate(world.DOMAINS)]
+    G.sample_answers(model, tok, questions, max_new_tokens=2, system=world.SYSTEM_PROMPT, progress=False,
+                     steering=recorder)
+    assert seen[0] == _prompts(tok, questions).input_ids.shape[1] and seen[1:] == [1]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gemma"])
