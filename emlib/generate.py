@@ -263,9 +263,7 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     eos_t = torch.tensor(sorted(eos), device=device)
     seen = None  # [live rows, vocabulary]: tokens each row has seen, for the repetition penalty
     if repetition_penalty != 1.0:
-        seen = torch.zeros(len(input_ids), logits.shape[-1], dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids, attention_mask.bool())  # prompt tokens, padding excluded
-        seen = seen[expand]
+        seen = prompt_tokens_seen(input_ids, attention_mask, logits.shape[-1])[expand]
     with prompt_cache_attention(model, prefix):
         for step in range(max_new_tokens):
             if seen is not None:
@@ -609,6 +607,14 @@ def prompt_cache_attention(model, cache: PromptCache | None) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ sampling
+
+
+def prompt_tokens_seen(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(prompts, vocabulary) true where a token occurs in the prompt, padding excluded. Padding positions write the
+    row's last token (always real under left padding) instead of False, so a pad id that is also one of the prompt's
+    real tokens (Llama-3 pads with its end-of-turn token) stays seen whatever order the writes land in."""
+    ids = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
+    return torch.zeros(len(input_ids), vocab_size, dtype=torch.bool, device=input_ids.device).scatter_(1, ids, True)
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -383,6 +383,15 @@ def test_repetition_penalty_matches_transformers_processor():
     assert torch.allclose(G.penalize_repeats(logits, seen, 1.3), theirs)
 
 
+def test_prompt_tokens_seen_excludes_padding_but_keeps_a_pad_id_the_prompt_uses():
+    pad = 7  # also a real token of row 0 (Llama-3 pads with its end-of-turn token, which every chat prompt holds)
+    ids = torch.tensor([[pad] * 40 + [3, pad, 5], [pad] * 40 + [1, 2, 4]])
+    mask = torch.tensor([[0] * 40 + [1, 1, 1], [0] * 40 + [1, 1, 1]])
+    seen = G.prompt_tokens_seen(ids, mask, 10)
+    assert seen[0].nonzero().squeeze(1).tolist() == [3, 5, pad]
+    assert seen[1].nonzero().squeeze(1).tolist() == [1, 2, 4]
+
+
 @pytest.mark.parametrize("knobs", [dict(top_k=3), dict(repetition_penalty=1.8), dict(top_k=5, repetition_penalty=1.3)])
 def test_decode_loop_matches_hf_generate_under_top_k_and_repetition_penalty(knobs):
     # top_k 1 is greedy in both; a strong penalty at temperature ~0 changes the greedy path the same way in both
