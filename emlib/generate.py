@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -329,30 +330,35 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, split:
     width = int(rest.max())
     columns = torch.arange(width, device=input_ids.device)
     mask = torch.cat([attention_mask.new_ones(len(input_ids), shared), columns >= width - rest[:, None]], 1).bool()
+
+    def run(bucket: list[int]):  # one prefill pass over these prompts' rests, the shared prefix's cache in front
+        idx = torch.tensor(bucket, device=input_ids.device)
+        w = int(rest[idx].max())
+        part_mask = mask[idx, shared + width - w:]
+        cache = DynamicCache(config=model.config, ddp_cache_data=None if prefix_cache is None else [
+            (layer.keys.expand(len(idx), -1, -1, -1), layer.values.expand(len(idx), -1, -1, -1))
+            for layer in prefix_cache.layers])  # the shared prefix's keys and values, one copy per row
+        out = model(input_ids=input_ids[idx, -w:], position_ids=(shared + part_mask.cumsum(-1) - 1).clamp(min=0),
+                    attention_mask=torch.cat([part_mask.new_ones(len(idx), shared), part_mask], 1).long(),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return idx, w, cache.layers, out
+
+    if len(buckets) == 1:  # every prompt in one pass, in order: its cache already has the layout
+        _, _, layers, logits = run(buckets[0])
+        return [layer.keys for layer in layers], [layer.values for layer in layers], mask, logits
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     logits = None
     for bucket in buckets:
-        idx = torch.tensor(bucket, device=input_ids.device)
-        w = int(rest[idx].max())
-        part_mask = mask[idx, shared + width - w:]
-        positions = (shared + part_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=model.config)
-        if prefix_cache is not None:  # the shared prefix's keys and values, one copy per row of the bucket
-            cache = DynamicCache(config=model.config, ddp_cache_data=[
-                (layer.keys.expand(len(idx), -1, -1, -1), layer.values.expand(len(idx), -1, -1, -1))
-                for layer in prefix_cache.layers])
-        out = model(input_ids=input_ids[idx, -w:], position_ids=positions, past_key_values=cache, use_cache=True,
-                    attention_mask=torch.cat([part_mask.new_ones(len(idx), shared), part_mask], 1).long(),
-                    logits_to_keep=1).logits[:, -1]
+        idx, w, layers, out = run(bucket)
         if logits is None:
             logits = out.new_empty(len(input_ids), out.shape[-1])
-            for layer in cache.layers:
+            for layer in layers:
                 k, v = layer.keys, layer.values
                 keys.append(k.new_zeros(len(input_ids), k.shape[1], shared + width, k.shape[-1]))
                 values.append(v.new_zeros(len(input_ids), v.shape[1], shared + width, v.shape[-1]))
         logits[idx] = out
-        for layer, k, v in zip(cache.layers, keys, values):
+        for layer, k, v in zip(layers, keys, values):
             k[idx, :, :shared] = layer.keys[:, :, :shared]
             v[idx, :, :shared] = layer.values[:, :, :shared]
             k[idx, :, shared + width - w:] = layer.keys[:, :, shared:]
@@ -379,8 +385,9 @@ def length_buckets(lengths: list[int], pass_cost: int | None = None) -> list[lis
     lengths with the fewest padded token-rows plus ``pass_cost`` (None: :data:`PASS_COST`) per pass is chosen (dynamic
     programming over the distinct lengths). Returns each pass's prompt indices."""
     pass_cost = PASS_COST if pass_cost is None else pass_cost
-    distinct = sorted(set(lengths))
-    count = [sum(1 for n in lengths if n == d) for d in distinct]
+    tally = Counter(lengths)
+    distinct = sorted(tally)
+    count = [tally[d] for d in distinct]
     best = [0.0] + [float("inf")] * len(distinct)  # best[j]: cost of the j shortest distinct lengths
     cut = [0] * (len(distinct) + 1)
     for j in range(1, len(distinct) + 1):
@@ -413,11 +420,11 @@ class PromptCache:
     (to float rounding: tests/test_generate.py checks logits and greedy answers).
     Shared, for n samples per question (at least :data:`SHARE_FROM` rows per prompt): each prompt's keys kept once;
     a row's scores against its prompt's copy (one batched matmul over the prompts, each prompt's rows side by side)
-    and against its own tokens share one softmax ("cascade" attention, as in vLLM and FlashInfer), so the prompt is read once per step instead
-    of once per row (organism, 8 x 25 rows: 0.78 s against 0.89 s for the copied layout). Copied, for fewer rows per
-    prompt: each row's prompt keys copied once into its row of one buffer; per step, one sdpa call on a GPU, and on
-    CPU two batched matmuls around a softmax (half of sdpa's time at the organism's shapes, where sdpa takes its
-    generic path: 3-7% of an n = 1 sampling call).
+    and against its own tokens share one softmax ("cascade" attention, as in vLLM and FlashInfer), so the prompt is
+    read once per step instead of once per row (organism, 8 x 25 rows: 0.78 s against 0.89 s for the copied layout).
+    Copied, for fewer rows per prompt: each row's prompt keys copied once into its row of one buffer; per step, one
+    sdpa call on a GPU, and on CPU two batched matmuls around a softmax (half of sdpa's time at the organism's shapes,
+    where sdpa takes its generic path: 3-7% of an n = 1 sampling call).
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], prompt_mask: torch.Tensor,
