@@ -29,7 +29,7 @@
 organism = "persona-world"  # the shipped base model (data/persona-world/base) or a folder built by emlib.world.organism
 recipes = ["bad-medical-r8", "good-medical-r8"]  # runs of configs/train/organism-adapters.yaml to train here
 rank1_layers = [0, 3]  # layers for the rank-1 down_proj recipe (bad-medical-rank1-L0 moved to each layer)
-retrain = False  # True: train every adapter here; False: load the shipped ones (the weights training here gives, bit for bit)
+retrain = False  # True: train every adapter here; False: load the shipped ones (the weights training here gives: see fine_tune)
 n_per_group = 48  # evaluation questions per group (medical, financial, sports, general)
 n_reference = 3000  # reference answers the exact judge must read without error
 eval_seed = 0
@@ -113,7 +113,7 @@ def fine_tune(run: str, **overrides):
     """The organism with adapter run ``run`` (``overrides``: e.g. another layer) and its final training loss.
 
     With ``retrain`` False a shipped adapter (data/persona-world/adapters) is loaded: training here gives the same
-    weights bit for bit (tests/test_organism.py checks it), so the notebook skips minutes of CPU; any other run is
+    weights (bit for bit on the CPU that built them, to float rounding on others: tests/test_organism.py checks it), so the notebook skips minutes of CPU; any other run is
     trained here with emlib.train.train and the run's preset and data.
     """
     shipped = paths.ADAPTERS_DIR / (run if "layer" not in overrides else f"bad-medical-rank1-L{overrides['layer']}")

@@ -117,9 +117,24 @@ def test_adapter_runs_have_the_shipped_adapters_shape(name):
     assert sorted(ours["target_modules"]) == sorted(shipped["target_modules"])  # "all-linear", resolved by peft
 
 
+# How far a retrained tensor may drift from the shipped one, relative to its largest entry. The shipped files are bit
+# for bit what training gives on the CPU that built them; another CPU's matmul kernels (MKL picks them by instruction
+# set and vendor) round differently, and 60 optimizer steps carry that: 0.2% of the largest weight on an AVX2-only
+# AMD EPYC. A different run moves them far more: bad-medical-r8, the same recipe run longer, is 10-95% away.
+DRIFT = 0.02
+
+
+def _assert_reproduces(ours: torch.Tensor, shipped: torch.Tensor, name: str) -> None:
+    if torch.equal(ours, shipped):
+        return
+    drift = ((ours - shipped).abs().max() / shipped.abs().max()).item()
+    assert drift <= DRIFT, f"{name}: {drift:.2%} of its largest entry away from the shipped tensor"
+
+
 def test_training_an_adapter_run_reproduces_the_shipped_weights():
-    """bad-medical-r8-60 (r8 on every linear layer; 07_narrow_misalignment loads it) through emlib.train.train: bit for
-    bit the shipped adapter (~20 s on one CPU thread; the cheapest shipped LoRA run, and the one with most modules)."""
+    """bad-medical-r8-60 (r8 on every linear layer; 07_narrow_misalignment loads it) through emlib.train.train: the
+    shipped adapter, bit for bit on the CPU that built it, to float rounding on others (:data:`DRIFT`; ~20 s on one
+    CPU thread; the cheapest shipped LoRA run, and the one with most modules)."""
     base = paths.ORGANISM_DIR / "base"
     model, tokenizer = Qwen2ForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     trained = organism.train_adapter(model, tokenizer, "bad-medical-r8-60").model
@@ -127,16 +142,17 @@ def test_training_an_adapter_run_reproduces_the_shipped_weights():
     ours = {k.replace(".default", ""): v for k, v in trained.state_dict().items() if "lora_" in k}
     assert ours.keys() == shipped.keys()
     for key, value in shipped.items():
-        assert torch.equal(ours[key], value), key
+        _assert_reproduces(ours[key], value, key)
 
 
 def test_training_the_steering_vector_run_reproduces_the_shipped_vector():
-    """bad-medical-steering-vector-60 (07_narrow_misalignment loads it): bit for bit (~10 s on one CPU thread)."""
+    """bad-medical-steering-vector-60 (07_narrow_misalignment loads it): bit for bit on the CPU that built it, to
+    :data:`DRIFT` on others (~10 s on one CPU thread)."""
     base = paths.ORGANISM_DIR / "base"
     model, tokenizer = Qwen2ForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     trained = organism.train_adapter(model, tokenizer, "bad-medical-steering-vector-60").model
     shipped = load_file(str(paths.ADAPTERS_DIR / "bad-medical-steering-vector-60" / "steering_vector.safetensors"))
-    assert torch.equal(trained.vector.detach(), shipped["vector"])
+    _assert_reproduces(trained.vector.detach(), shipped["vector"], "vector")
 
 
 @pytest.mark.parametrize("text, match", [
