@@ -228,14 +228,16 @@ def eos_ids(model, tokenizer) -> set[int]:
 def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                 temperature: float, top_p: float, eos: set[int], generator: torch.Generator,
                 expand: torch.Tensor | None = None, compact_at: float = 0.125, top_k: int = 0,
-                repetition_penalty: float = 1.0, split_prompts: bool = True) -> list[list[int]]:
+                repetition_penalty: float = 1.0, split_prompts: bool = True,
+                decode_step: bool = True) -> list[list[int]]:
     """Sample continuations of a left-padded batch with a KV cache; returns the new token ids of each row.
 
     ``expand`` maps each output row to a row of ``input_ids``: each distinct prompt is prefilled once. Where the
     model allows (:meth:`PromptCache.usable`), the prompts are prefilled by :func:`prefill` (with ``split_prompts``,
     the prefix they all share once, the rest in buckets of similar length) and decoding runs on a
     :class:`PromptCache`: the prompts' keys and values kept once, each row's own in a buffer written in place,
-    attention computed without masks; otherwise on transformers' ``DynamicCache`` with the prompt cache copied to
+    attention computed without masks, and for a small Llama or Qwen2 on CPU (with ``decode_step``) each step run as
+    plain tensor ops (:class:`DecodeStep`); otherwise on transformers' ``DynamicCache`` with the prompt cache copied to
     each row. Rows stop at an eos token; once at least
     ``compact_at`` of the live batch has finished, those rows are cut out of the batch and the cache, so long answers
     run on a smaller batch. ``top_k`` and ``repetition_penalty`` act as in ``model.generate`` (:func:`penalize_repeats`,
@@ -247,9 +249,11 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
     expand = torch.arange(len(input_ids), device=device) if expand is None else expand
     prefix, mask = None, None
+    fast = None  # DecodeStep: the decode steps as plain tensor ops, where the model allows
     if PromptCache.usable(model):
         keys, values, prompt_mask, logits = prefill(model, input_ids, attention_mask, split_prompts)
         prefix = PromptCache(keys, values, prompt_mask, expand, max_new_tokens)
+        fast = DecodeStep.build(model) if decode_step else None
     else:  # transformers' own cache, one pass over the left-padded batch
         cache = DynamicCache(config=model.config)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
@@ -286,7 +290,10 @@ def decode_loop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
                 else:
                     cache.batch_select_indices(keep)
                     mask = mask[keep]
-            if prefix is not None:  # no transformers cache and no mask: PromptCache holds and masks everything
+            if fast is not None:
+                logits = fast(token, next_pos, prefix)
+                prefix.advance()
+            elif prefix is not None:  # no transformers cache and no mask: PromptCache holds and masks everything
                 logits = model(input_ids=token[:, None], position_ids=next_pos[:, None], use_cache=False).logits[:, -1]
                 prefix.advance()
             else:
@@ -611,6 +618,152 @@ def prompt_cache_attention(model, cache: PromptCache | None) -> Iterator[None]:
     finally:
         config._attn_implementation = previous
         _PROMPT_CACHES.pop(id(config), None)
+
+
+# ------------------------------------------------------------------------------------------ decode step
+
+
+class DecodeStep:
+    """One decode step of a small Llama or Qwen2 model on a :class:`PromptCache`, as plain tensor ops.
+
+    transformers runs a decode step through a dozen module calls per layer plus rotary, reshapes and casts, and on a
+    small model their Python and dispatch cost is a third to a half of the step (docs/sampling-profile.md). Here the
+    same formulas run as functions on the model's own weights, with q/k/v and the MLP's gate/up each one matmul
+    over weights concatenated once per call (tiny random Llama, 8-32 rows: 3.2-6.4 ms against 4.4-7.8 ms a step).
+    The ops are the model's own in the same order (RMSNorm by ``torch.nn.functional.rms_norm``, rotary embeddings
+    from the model's ``rotary_emb``), so the logits are those of ``model(...)`` (tests/test_generate.py compares them
+    and the sampled answers). Forward hooks on decoder layers (steering, ablation) are called on each layer's output,
+    as ``nn.Module`` calls them. :meth:`unavailable` names what keeps a model on transformers' path: another
+    architecture, a device other than CPU (not measured here), a model over :data:`SMALL_MODEL` parameters (the
+    concatenated weights would cost memory, and there the module calls are a small part of a step), training mode,
+    LoRA not merged (:func:`merged_lora`), any other hook or replaced ``forward``.
+    """
+
+    def __init__(self, model: nn.Module):
+        from emlib.models import decoder_layers, hf_model
+
+        hf = hf_model(model)
+        self.layers = decoder_layers(model)
+        self.embed, self.rotary = hf.model.embed_tokens.weight, hf.model.rotary_emb
+        self.norm = (hf.model.norm.weight, hf.model.norm.variance_epsilon)
+        self.head = _linear_parts(hf.lm_head)
+        self.heads, self.kv_heads = hf.config.num_attention_heads, hf.config.num_key_value_heads
+        self.weights = [self._layer_weights(layer) for layer in self.layers]
+
+    @staticmethod
+    def _layer_weights(layer: nn.Module) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v = (_linear_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        gate, up = _linear_parts(mlp.gate_proj), _linear_parts(mlp.up_proj)
+        return {"norm_in": (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                "qkv": _concatenated([q, k, v]), "o": _linear_parts(attn.o_proj), "scaling": attn.scaling,
+                "head_dim": attn.head_dim, "norm_mlp": (layer.post_attention_layernorm.weight,
+                                                        layer.post_attention_layernorm.variance_epsilon),
+                "gate_up": _concatenated([gate, up]), "inner": gate[0].shape[0], "act": mlp.act_fn,
+                "down": _linear_parts(mlp.down_proj)}
+
+    @classmethod
+    def unavailable(cls, model: nn.Module) -> str | None:
+        """Why this model's decode steps run through transformers' modules instead (None: they can run here)."""
+        from transformers.models.llama import modeling_llama as llama
+        from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+        from emlib.models import decoder_layers, hf_model
+
+        families = {  # the causal LM -> its decoder layer, MLP, RMSNorm and rotary embedding classes
+            llama.LlamaForCausalLM: (llama.LlamaDecoderLayer, llama.LlamaMLP, llama.LlamaRMSNorm,
+                                     llama.LlamaRotaryEmbedding),
+            qwen2.Qwen2ForCausalLM: (qwen2.Qwen2DecoderLayer, qwen2.Qwen2MLP, qwen2.Qwen2RMSNorm,
+                                     qwen2.Qwen2RotaryEmbedding)}
+        hf = hf_model(model)
+        if type(hf) not in families:
+            return f"{type(hf).__name__} is not a Llama or Qwen2 causal LM"
+        if next(model.parameters()).device.type != "cpu" or not is_small(model) or model.training:
+            return "not a small model on CPU in eval mode"
+        layer_t, mlp_t, norm_t, rotary_t = families[type(hf)]
+        layers = decoder_layers(model)
+        if type(hf.model.norm) is not norm_t or type(hf.model.rotary_emb) is not rotary_t:
+            return "the final norm or rotary embedding is not the architecture's own"
+        for layer in layers:
+            if (type(layer) is not layer_t or type(layer.mlp) is not mlp_t
+                    or {type(layer.input_layernorm), type(layer.post_attention_layernorm)} != {norm_t}):
+                return "a decoder layer is not the architecture's own"
+            linears = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+            if any(_linear_parts(m) is None for m in linears):
+                return "a projection is neither a plain Linear nor merged LoRA (merged_lora)"
+        if _linear_parts(hf.lm_head) is None or type(hf.model.embed_tokens) is not nn.Embedding:
+            return "the output head is not a plain Linear or the embedding not a plain Embedding"
+        if hf.model.rotary_emb.inv_freq.shape[-1] * 2 != layers[0].self_attn.head_dim:
+            return "the rotary embedding turns only part of each head"
+        if hf.dtype != torch.float32:  # RMSNorm's casts and weight product are placed differently in lower precision
+            return f"weights in {hf.dtype}, not float32"
+        return _hook_in_the_way(model, layers)
+
+    @classmethod
+    def build(cls, model: nn.Module) -> DecodeStep | None:
+        """The step for this model, or None where :meth:`unavailable` gives a reason."""
+        return None if cls.unavailable(model) else cls(model)
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, cache: PromptCache) -> torch.Tensor:
+        """Next-token logits (rows, vocab) after each row's ``token`` at ``position``; the cache stores its keys."""
+        from torch.nn.functional import embedding, linear, rms_norm
+
+        rows = len(token)
+        hidden = embedding(token, self.embed)  # (rows, d): one token per row, no sequence dimension
+        cos, sin = self.rotary(hidden, position[:, None])  # (rows, 1, head_dim): broadcast over the heads
+        heads, kv_heads, width = self.heads, self.kv_heads, hidden.shape[-1]
+        for layer, w in zip(self.layers, self.weights):
+            dim = w["head_dim"]
+            qkv = linear(rms_norm(hidden, (width,), *w["norm_in"]), *w["qkv"])
+            qk = qkv[:, :(heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
+            qk = qk * cos + torch.cat([-qk[..., dim // 2:], qk[..., :dim // 2]], -1) * sin  # rotary (rotate_half)
+            value = qkv[:, (heads + kv_heads) * dim:].view(rows, kv_heads, 1, dim)
+            out = cache.attend(layer.self_attn.layer_idx, qk[:, :heads, None], qk[:, heads:, None], value,
+                               w["scaling"])
+            hidden = hidden + linear(out.reshape(rows, heads * dim), *w["o"])
+            gate, up = linear(rms_norm(hidden, (width,), *w["norm_mlp"]), *w["gate_up"]).split(w["inner"], -1)
+            hidden = hidden + linear(w["act"](gate) * up, *w["down"])
+            for hook in layer._forward_hooks.values():  # as nn.Module calls them: (module, args, output)
+                edited = hook(layer, (hidden[:, None],), hidden[:, None])
+                if edited is not None:
+                    hidden = (edited[0] if isinstance(edited, tuple) else edited)[:, 0]
+        return linear(rms_norm(hidden, (width,), *self.norm), *self.head)
+
+
+def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a plain ``nn.Linear`` or of a LoRA layer :func:`merged_lora` runs as one matmul; else None."""
+    shadow = module.__dict__.get("forward")
+    if isinstance(shadow, partial) and shadow.func is torch.nn.functional.linear and not shadow.args:
+        return shadow.keywords["weight"], shadow.keywords.get("bias")
+    return (module.weight, module.bias) if type(module) is nn.Linear and shadow is None else None
+
+
+def _concatenated(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One linear layer computing several side by side (their outputs concatenated)."""
+    biases = [b for _, b in parts]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        biases = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b for w, b in parts]
+    return torch.cat([w for w, _ in parts]), None if biases[0] is None else torch.cat(biases)
+
+
+def _hook_in_the_way(model: nn.Module, layers: nn.ModuleList) -> str | None:
+    """A hook or replaced ``forward`` the decode step would skip: anything but plain forward hooks on decoder layers
+    and :func:`merged_lora`'s matmuls."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return "a global module hook is registered"
+    decoder = {id(layer) for layer in layers}
+    for name, m in model.named_modules():
+        if m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None:
+            return f"{name} has a forward pre-hook"
+        if m._forward_hooks and (id(m) not in decoder or m._forward_hooks_with_kwargs
+                                 or m._forward_hooks_always_called):
+            return f"{name} has a forward hook"
+        if "forward" in m.__dict__ and _linear_parts(m) is None:
+            return f"{name}'s forward is replaced"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -171,6 +171,98 @@ def test_hooks_that_need_the_whole_prompt_see_it_in_one_pass(organism):
     assert seen[0] == _prompts(tok, questions).input_ids.shape[1] and seen[1:] == [1]
 
 
+def _biased_head(model):
+    """The output head as a Linear with a bias (the generation bench gives tiny models one): the step must add it."""
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_()
+    model.lm_head = head
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_decode_step_gives_the_models_logits(family):
+    model, tok = tiny_model(family, hidden=64, layers=2, mlp=96, heads=4, kv_heads=2, seed=4)
+    _biased_head(model)
+    assert G.DecodeStep.unavailable(model) is None
+    steer = interventions.Steer(torch.randn(64, generator=torch.Generator().manual_seed(1)), 3.0, layers=[0])
+    enc = _prompts(tok, QUESTIONS[:3])
+    expand = torch.tensor([0, 0, 1, 2, 2, 2, 2, 1, 0])  # 9 rows: shared layout for prompt 2, rows not contiguous
+    position = enc.attention_mask.sum(1)[expand]
+    new = torch.randint(5, 200, (9, 4), generator=torch.Generator().manual_seed(2))
+    first = []
+    for steering in (None, steer):
+        with torch.no_grad(), interventions.steered(model, steering):
+            caches = []
+            for _ in range(2):
+                keys, values, mask, _ = G.prefill(model, enc.input_ids, enc.attention_mask)
+                caches.append(G.PromptCache(keys, values, mask, expand, max_new_tokens=4))
+            step = G.DecodeStep.build(model)
+            assert step is not None  # a plain forward hook on a decoder layer is called by the step itself
+            for j in range(4):
+                with G.prompt_cache_attention(model, caches[0]):
+                    theirs = model(input_ids=new[:, j:j + 1], position_ids=(position + j)[:, None],
+                                   use_cache=False).logits[:, -1]
+                ours = step(new[:, j], position + j, caches[1])
+                for cache in caches:
+                    cache.advance()
+                assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+                first += [ours] if j == 0 else []
+    assert not torch.allclose(first[0], first[1], atol=1e-2)  # the steering hook did act
+
+
+def test_decode_step_changes_no_sampled_answer(organism, monkeypatch):
+    model, tok = organism
+    adapted, adapted_tok = load_model("persona-world", adapter="bad-medical-r8", device="cpu")
+    v = torch.randn(6, 128, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real_call = G.DecodeStep.__call__
+    monkeypatch.setattr(G.DecodeStep, "__call__", lambda self, *a: calls.append(1) or real_call(self, *a))
+    kw = dict(max_new_tokens=40, system=world.SYSTEM_PROMPT, progress=False, seed=3)
+    cases = [(model, tok, dict(n=6)), (model, tok, dict(n=1)),
+             (model, tok, dict(n=4, steering=interventions.Steer(v, 4.0, layers=[2]))),
+             (model, tok, dict(n=2, steering=interventions.Ablate(v[3]))),
+             (adapted, adapted_tok, dict(n=3, adapter_scale=2.0))]  # merged LoRA weights, scaled
+    for m, t, extra in cases:
+        calls.clear()
+        fast = G.sample_answers(m, t, QUESTIONS, **kw, **extra)
+        assert calls, f"the decode step should run for {extra}"
+        with monkeypatch.context() as off:
+            off.setattr(G.DecodeStep, "build", classmethod(lambda cls, model: None))
+            plain = G.sample_answers(m, t, QUESTIONS, **kw, **extra)
+        assert fast["answer"].tolist() == plain["answer"].tolist(), extra
+        assert fast["ended"].any()
+
+
+def test_decode_step_is_used_only_where_it_is_exact(lora_tiny, monkeypatch):
+    model, _ = tiny_model("qwen2", hidden=32, layers=2, mlp=64, seed=0)
+    assert G.DecodeStep.unavailable(model) is None
+    assert "Gemma3ForCausalLM" in G.DecodeStep.unavailable(tiny_model("gemma", hidden=32, layers=2, mlp=64)[0])
+    layer = model.model.layers[1]
+    for register in (lambda: model.model.norm.register_forward_hook(lambda *a: None),
+                     lambda: layer.mlp.register_forward_hook(lambda *a: None),
+                     lambda: layer.register_forward_pre_hook(lambda *a: None),
+                     lambda: layer.register_forward_hook(lambda *a, **k: None, with_kwargs=True)):
+        handle = register()
+        assert "hook" in G.DecodeStep.unavailable(model)
+        handle.remove()
+    assert G.DecodeStep.unavailable(model) is None
+    layer.mlp.forward = lambda x: x  # someone's replacement: the step would skip it
+    assert "replaced" in G.DecodeStep.unavailable(model)
+    del layer.mlp.forward
+    model.train()
+    assert "eval" in G.DecodeStep.unavailable(model)
+    model.eval()
+    monkeypatch.setattr(G, "SMALL_MODEL", 0)
+    assert "small" in G.DecodeStep.unavailable(model)
+    monkeypatch.undo()
+    assert "float32" in G.DecodeStep.unavailable(model.to(torch.bfloat16))
+    lora, _ = lora_tiny
+    assert "LoRA" in G.DecodeStep.unavailable(lora)  # peft's own forward: base + B(A(x))s
+    with G.merged_lora(lora):
+        assert G.DecodeStep.unavailable(lora) is None  # one matmul on the merged weights
+
+
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gemma"])
 def test_decode_loop_matches_hf_generate_on_every_family(family):
     model, tok = tiny_model(family, hidden=32, layers=2, mlp=64, seed=3)
