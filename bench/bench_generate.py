@@ -4,7 +4,8 @@ Three contenders sample the same questions with the same settings (temperature 1
 repetition_penalty from the model's generation config, as the papers' code samples):
 
 - emlib: ``sample_answers`` (its own decode loop: each prompt prefilled and kept once, KV cache written in place,
-  finished rows dropped from the batch, top-k draws over the k candidates only);
+  finished rows dropped from the batch, top-k draws over the k candidates only; a small Llama or Qwen2's decode step
+  on CPU as plain tensor ops, ``emlib.generate.DecodeStep``);
 - batched ``model.generate``: what a competent user writes instead: every prompt in one left-padded batch,
   ``num_return_sequences=n`` (transformers expands the batch before prefill, so repeating the prompts is the same),
   on an adapter's weights merged into the model (``merge_and_unload``: fewer ops per step);
