@@ -25,7 +25,7 @@ organism: setup            ## rebuild data/persona-world from scratch (minutes o
 	$(PY) -m emlib.world.organism build
 	$(PY) -m emlib.world.organism adapters
 
-bench: setup              ## every benchmark side by side -> runs/bench/summary.md + .csv (9-15 min; BENCH_ARGS=--quick)
+bench: setup              ## every benchmark side by side -> runs/bench/summary.md + .csv (7-15 min; BENCH_ARGS=--quick)
 	EMLIB_THREADS=$${EMLIB_THREADS:-1} HF_HUB_OFFLINE=1 $(PY) bench/run_all.py $(BENCH_ARGS)
 
 sync-notebooks: setup      ## regenerate notebooks/*.ipynb from their paired notebooks/*.py (jupytext)
